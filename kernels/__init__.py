@@ -1,0 +1,1 @@
+"""Triton kernels for mllm_mega, importable as ``mllm_mega.kernels``."""
