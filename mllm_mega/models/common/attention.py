@@ -1,0 +1,125 @@
+"""Packed (THD) core attention with fused rotary embedding: the ``core_attention`` slot of our layer specs.
+
+megatron-core's ``SelfAttention`` computes q/k/v and hands them to ``core_attention`` with the packing
+metadata. We keep rotary embedding out of megatron (``rotary_pos_emb=None``) and apply it here from position
+ids carried in :class:`PackedSeqParamsWithRope`, so the same slot serves the LLM (MRoPE, causal) and the ViT
+(2D RoPE, non-causal, window/full segments chosen per layer), and one Triton kernel can fuse the angles.
+
+Two implementations, chosen once in the layer spec (``kernels: torch | triton``):
+- :class:`TorchPackedAttention`: plain torch, exact fp32-capable; used on CPU and as the reference.
+- :class:`TritonPackedAttention`: ``mllm_mega.kernels`` varlen attention + fused RoPE.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+
+@dataclass
+class PackedSeqParamsWithRope(PackedSeqParams):
+    """megatron's PackedSeqParams plus what our attention needs to rotate q/k.
+
+    rope_position_ids: (C, total_tokens) int64 — C=3 (t, h, w) for MRoPE, C=2 (h, w) for the ViT.
+    rope_inv_freq: (head_dim // 2,) float32 frequencies, one per rotated pair.
+    rope_sections: C ints summing to head_dim // 2: frequency j uses position row c(j).
+    """
+
+    rope_position_ids: torch.Tensor | None = None
+    rope_inv_freq: torch.Tensor | None = None
+    rope_sections: tuple[int, ...] | None = None
+
+
+def make_packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int, position_ids, inv_freq, sections):
+    cu = cu_seqlens.to(torch.int32)
+    return PackedSeqParamsWithRope(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=int(max_seqlen),
+        max_seqlen_kv=int(max_seqlen),
+        rope_position_ids=position_ids,
+        rope_inv_freq=inv_freq,
+        rope_sections=tuple(int(s) for s in sections),
+    )
+
+
+def rope_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor, sections) -> torch.Tensor:
+    """(tokens, head_dim//2) fp32 angles: theta_j = pos[c(j)] * inv_freq[j]."""
+    rows = torch.repeat_interleave(
+        torch.arange(len(sections), device=position_ids.device),
+        torch.tensor(list(sections), device=position_ids.device),
+    )  # (head_dim//2,) which position row each frequency reads
+    pos = position_ids.float()[rows]  # (head_dim//2, tokens)
+    return pos.t() * inv_freq.float().to(position_ids.device)
+
+
+def apply_rope_torch(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE in fp32. x (tokens, heads, head_dim); angles (tokens, head_dim//2)."""
+    emb = torch.cat([angles, angles], dim=-1)[:, None, :]
+    cos, sin = emb.cos(), emb.sin()
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def packed_attention_torch(q, k, v, cu_seqlens, causal: bool, softmax_scale: float) -> torch.Tensor:
+    """Attention restricted to each packed segment. q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D)."""
+    out = torch.empty_like(q)
+    groups = q.shape[1] // k.shape[1]
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end <= start:
+            continue
+        qs = q[start:end].transpose(0, 1)  # (Hq, L, D)
+        ks = k[start:end].transpose(0, 1).repeat_interleave(groups, dim=0)
+        vs = v[start:end].transpose(0, 1).repeat_interleave(groups, dim=0)
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=softmax_scale)
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+class _PackedAttentionBase(MegatronModule):
+    def __init__(self, config, layer_number, attn_mask_type, attention_type="self", attention_dropout=None,
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None, **kwargs):
+        super().__init__(config=config)
+        self.causal = attn_mask_type == AttnMaskType.causal
+        self.head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else self.head_dim ** -0.5
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if not isinstance(packed_seq_params, PackedSeqParamsWithRope):
+            raise ValueError("packed attention needs PackedSeqParamsWithRope (THD input with position ids)")
+        p = packed_seq_params
+        # query (T, heads_local, head_dim); key/value (T, kv_heads_local, head_dim)
+        out = self._attend(query, key, value, p)
+        return out.reshape(out.shape[0], -1)
+
+
+class TorchPackedAttention(_PackedAttentionBase):
+    """Plain-torch packed attention + RoPE (the CPU path and the reference)."""
+
+    def _attend(self, q, k, v, p):
+        if p.rope_position_ids is not None:
+            angles = rope_angles(p.rope_position_ids, p.rope_inv_freq, p.rope_sections)
+            q, k = apply_rope_torch(q, angles), apply_rope_torch(k, angles)
+        return packed_attention_torch(q, k, v, p.cu_seqlens_q, self.causal, self.softmax_scale)
+
+
+class TritonPackedAttention(_PackedAttentionBase):
+    """Triton varlen attention + fused RoPE from ``mllm_mega.kernels``."""
+
+    def _attend(self, q, k, v, p):
+        from mllm_mega.kernels import apply_rope, varlen_attention
+
+        if p.rope_position_ids is not None:
+            q = apply_rope(q, p.rope_position_ids, p.rope_inv_freq, p.rope_sections)
+            k = apply_rope(k, p.rope_position_ids, p.rope_inv_freq, p.rope_sections)
+        return varlen_attention(q, k, v, p.cu_seqlens_q, p.cu_seqlens_kv, p.max_seqlen_q, p.max_seqlen_kv,
+                                softmax_scale=self.softmax_scale, causal=self.causal)

@@ -1,0 +1,312 @@
+"""Architecture description of a Qwen2-VL / Qwen2.5-VL model, read from a HF ``config.json``.
+
+One typed source of truth for the model's shapes; :func:`to_transformer_configs` is the only place that turns
+it into megatron-core ``TransformerConfig`` objects (one for the vision tower, one for the LLM).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+FAMILIES = {
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+    "Qwen2VLForConditionalGeneration": "qwen2_vl",
+}
+MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl", "qwen2_vl": "qwen2_vl"}
+
+
+@dataclass
+class VisionArch:
+    """Vision tower (NaViT ViT + 2x2 patch merger) shapes."""
+
+    depth: int
+    hidden_size: int  # ViT width (``embed_dim`` in Qwen2-VL configs)
+    ffn_hidden_size: int
+    num_heads: int
+    out_hidden_size: int  # merger output width = LLM hidden size
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    hidden_act: str = "silu"
+    window_size: int | None = None  # pixels; None = no window attention (Qwen2-VL)
+    fullatt_block_indexes: list[int] = field(default_factory=list)
+    tokens_per_second: float | None = None  # MRoPE temporal scale for videos (Qwen2.5-VL only)
+    rope_theta: float = 10000.0
+    norm: str = "rmsnorm"  # rmsnorm (Qwen2.5-VL) | layernorm (Qwen2-VL)
+    gated_mlp: bool = True  # SwiGLU (Qwen2.5-VL) | plain MLP (Qwen2-VL)
+    norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+
+
+@dataclass
+class TextArch:
+    """Qwen2 LLM shapes."""
+
+    vocab_size: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    mrope_section: list[int] = field(default_factory=lambda: [16, 24, 24])
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    hidden_act: str = "silu"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class ModelArch:
+    """A whole Qwen2(.5)-VL model: family, towers and special token ids."""
+
+    family: str  # qwen2_5_vl | qwen2_vl
+    vision: VisionArch
+    text: TextArch
+    image_token_id: int
+    video_token_id: int
+    vision_start_token_id: int
+    vision_end_token_id: int | None = None
+    hf_config: dict = field(default_factory=dict, repr=False)  # the original config.json, for export
+
+    def __post_init__(self):
+        if self.family not in MODEL_TYPES:
+            raise ValueError(f"family {self.family!r} not supported; expected one of {sorted(MODEL_TYPES)}")
+        if sum(self.text.mrope_section) * 2 != self.text.head_dim:
+            raise ValueError(
+                f"rope_parameters.mrope_section {self.text.mrope_section} must sum to head_dim/2 = "
+                f"{self.text.head_dim // 2}"
+            )
+        if self.text.num_heads % self.text.num_kv_heads:
+            raise ValueError("text_config.num_attention_heads must be a multiple of num_key_value_heads")
+        if self.vision.hidden_size % self.vision.num_heads or self.vision.head_dim % 4:
+            raise ValueError("vision hidden_size / num_heads must be an integer divisible by 4 (2D RoPE)")
+        if self.vision.out_hidden_size != self.text.hidden_size:
+            raise ValueError(
+                f"vision out_hidden_size {self.vision.out_hidden_size} != text hidden_size {self.text.hidden_size}"
+            )
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("hf_config")
+        return d
+
+
+def _need(cfg: dict, key: str, where: str):
+    if key not in cfg:
+        raise ValueError(f"config.json: missing required key {where}{key!r}")
+    return cfg[key]
+
+
+def arch_from_hf_config(cfg: dict) -> ModelArch:
+    """Parse a HF Qwen2-VL / Qwen2.5-VL ``config.json`` dict (nested ``text_config`` or flat, 4.x style)."""
+    archs = cfg.get("architectures") or []
+    family = None
+    for a in archs:
+        family = FAMILIES.get(a, family)
+    family = family or MODEL_TYPES.get(cfg.get("model_type", ""))
+    if family is None:
+        raise ValueError(
+            f"config.json: unsupported architecture {archs or cfg.get('model_type')!r}; supported: "
+            f"{sorted(FAMILIES)}"
+        )
+    text_cfg = cfg.get("text_config") or cfg  # transformers 4.x wrote the text keys at the top level
+    vis = _need(cfg, "vision_config", "")
+    rope = text_cfg.get("rope_parameters") or text_cfg.get("rope_scaling") or {}
+    rope_theta = rope.get("rope_theta", text_cfg.get("rope_theta", 1000000.0))
+    mrope_section = list(rope.get("mrope_section", [16, 24, 24]))
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "mrope"):
+        raise ValueError(f"config.json: rope type {rope.get('rope_type')!r} is not supported (only default MRoPE)")
+    hidden = _need(text_cfg, "hidden_size", "text_config.")
+    num_heads = _need(text_cfg, "num_attention_heads", "text_config.")
+    tie = bool(cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False)))
+    text = TextArch(
+        vocab_size=_need(text_cfg, "vocab_size", "text_config."),
+        hidden_size=hidden,
+        ffn_hidden_size=_need(text_cfg, "intermediate_size", "text_config."),
+        num_layers=_need(text_cfg, "num_hidden_layers", "text_config."),
+        num_heads=num_heads,
+        num_kv_heads=text_cfg.get("num_key_value_heads", num_heads),
+        rms_norm_eps=text_cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta),
+        mrope_section=mrope_section,
+        tie_word_embeddings=tie,
+        max_position_embeddings=text_cfg.get("max_position_embeddings", 32768),
+        hidden_act=text_cfg.get("hidden_act", "silu"),
+    )
+    if text.hidden_act != "silu":
+        raise ValueError(f"config.json: text_config.hidden_act {text.hidden_act!r} not supported (silu)")
+    vrope = vis.get("rope_parameters") or {}
+    if family == "qwen2_5_vl":
+        vision = VisionArch(
+            depth=_need(vis, "depth", "vision_config."),
+            hidden_size=_need(vis, "hidden_size", "vision_config."),
+            ffn_hidden_size=_need(vis, "intermediate_size", "vision_config."),
+            num_heads=_need(vis, "num_heads", "vision_config."),
+            out_hidden_size=vis.get("out_hidden_size", hidden),
+            patch_size=vis.get("patch_size", 14),
+            temporal_patch_size=vis.get("temporal_patch_size", 2),
+            spatial_merge_size=vis.get("spatial_merge_size", 2),
+            in_channels=vis.get("in_channels", vis.get("in_chans", 3)),
+            hidden_act=vis.get("hidden_act", "silu"),
+            window_size=vis.get("window_size", 112),
+            fullatt_block_indexes=list(vis.get("fullatt_block_indexes", [])),
+            tokens_per_second=vis.get("tokens_per_second", 4),
+            rope_theta=float(vrope.get("rope_theta", 10000.0)),
+            norm="rmsnorm",
+            gated_mlp=True,
+        )
+        if vision.hidden_act != "silu":
+            raise ValueError(f"config.json: vision_config.hidden_act {vision.hidden_act!r} not supported (silu)")
+    else:
+        embed_dim = _need(vis, "embed_dim", "vision_config.")
+        vision = VisionArch(
+            depth=_need(vis, "depth", "vision_config."),
+            hidden_size=embed_dim,
+            ffn_hidden_size=int(embed_dim * vis.get("mlp_ratio", 4)),
+            num_heads=_need(vis, "num_heads", "vision_config."),
+            out_hidden_size=vis.get("hidden_size", hidden),
+            patch_size=vis.get("patch_size", 14),
+            temporal_patch_size=vis.get("temporal_patch_size", 2),
+            spatial_merge_size=vis.get("spatial_merge_size", 2),
+            in_channels=vis.get("in_channels", vis.get("in_chans", 3)),
+            hidden_act=vis.get("hidden_act", "quick_gelu"),
+            window_size=None,
+            rope_theta=float(vrope.get("rope_theta", 10000.0)),
+            norm="layernorm",
+            gated_mlp=False,
+        )
+        if vision.hidden_act != "quick_gelu":
+            raise ValueError(f"config.json: vision_config.hidden_act {vision.hidden_act!r} not supported")
+    return ModelArch(
+        family=family,
+        vision=vision,
+        text=text,
+        image_token_id=_need(cfg, "image_token_id", ""),
+        video_token_id=_need(cfg, "video_token_id", ""),
+        vision_start_token_id=_need(cfg, "vision_start_token_id", ""),
+        vision_end_token_id=cfg.get("vision_end_token_id"),
+        hf_config=cfg,
+    )
+
+
+def load_arch(hf_dir: str) -> ModelArch:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no config.json (is {hf_dir!r} a HF model directory?)")
+    with open(path) as f:
+        try:
+            cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return arch_from_hf_config(cfg)
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+@dataclass
+class ParallelLayout:
+    """How the model is split: tensor/pipeline parallel sizes and the LLM layers on the first stage."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = True  # in the LLM, when TP > 1
+    num_llm_layers_in_first_stage: int | None = None  # None = even split
+
+
+def to_transformer_configs(arch: ModelArch, layout: ParallelLayout, *, params_dtype=torch.float32,
+                           use_cpu_initialization: bool = True):
+    """The only conversion to megatron-core ``TransformerConfig``: returns (vision_config, llm_config)."""
+    import torch.nn.functional as F
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    tp, pp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
+    common = dict(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        pipeline_dtype=params_dtype,
+        use_cpu_initialization=use_cpu_initialization,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        init_method_std=0.02,
+    )
+    v = arch.vision
+    if v.num_heads % tp or v.ffn_hidden_size % tp:
+        raise ValueError(f"vision num_heads {v.num_heads} / ffn {v.ffn_hidden_size} not divisible by TP={tp}")
+    vision_cfg = TransformerConfig(
+        num_layers=v.depth,
+        hidden_size=v.hidden_size,
+        ffn_hidden_size=v.ffn_hidden_size,
+        num_attention_heads=v.num_heads,
+        kv_channels=v.head_dim,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        gated_linear_unit=v.gated_mlp,
+        activation_func=F.silu if v.gated_mlp else quick_gelu,
+        normalization="RMSNorm" if v.norm == "rmsnorm" else "LayerNorm",
+        layernorm_epsilon=v.norm_eps,
+        sequence_parallel=False,  # the ViT runs on replicated patches; only its weights are split
+        **{**common, "pipeline_model_parallel_size": 1},
+    )
+    t = arch.text
+    if t.num_kv_heads % tp or t.num_heads % tp:
+        raise ValueError(f"LLM heads {t.num_heads}/{t.num_kv_heads} (q/kv) not divisible by TP={tp}")
+    if t.vocab_size % tp:
+        raise ValueError(f"vocab_size {t.vocab_size} not divisible by TP={tp}")
+    first = layout.num_llm_layers_in_first_stage
+    extra = {}
+    if pp > 1 and first is not None:
+        rest = t.num_layers - first
+        if first < 0 or rest < 0 or rest % (pp - 1):
+            raise ValueError(
+                f"num_llm_layers_in_first_stage={first}: the other {rest} LLM layers must split evenly "
+                f"over the remaining {pp - 1} stages"
+            )
+        extra["num_layers_in_first_pipeline_stage"] = first
+    elif t.num_layers % pp:
+        raise ValueError(f"{t.num_layers} LLM layers do not split evenly over PP={pp}; "
+                         "set num_llm_layers_in_first_stage")
+    llm_cfg = TransformerConfig(
+        num_layers=t.num_layers,
+        hidden_size=t.hidden_size,
+        ffn_hidden_size=t.ffn_hidden_size,
+        num_attention_heads=t.num_heads,
+        num_query_groups=t.num_kv_heads,
+        kv_channels=t.head_dim,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization="RMSNorm",
+        layernorm_epsilon=t.rms_norm_eps,
+        sequence_parallel=layout.sequence_parallel and tp > 1,
+        **common,
+        **extra,
+    )
+    return vision_cfg, llm_cfg

@@ -1,0 +1,169 @@
+"""Qwen2-VL / Qwen2.5-VL on megatron-core: vision tower + merger on the first pipeline stage, Qwen2 LLM
+(megatron ``GPTModel`` with our packed-attention/MRoPE layer spec) across all stages.
+
+The forward works on one packed (THD) sequence: ``input_ids`` (T,), MRoPE ``position_ids`` (3, T) restarting
+per packed sample, ``cu_seqlens`` bounding the samples (causal attention never crosses them), plus the
+vision inputs of the whole pack. :func:`pack_hf_batch` turns a padded batch of HF processor inputs into that
+form, so the model accepts exactly what the HF processor returns.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+from mllm_mega.models.common.attention import make_packed_seq_params
+from mllm_mega.models.common.norm import TorchRMSNorm, TritonRMSNorm
+from mllm_mega.models.qwen2_vl.configuration import ModelArch, ParallelLayout, to_transformer_configs
+from mllm_mega.models.qwen2_vl.rope_index import get_rope_index
+from mllm_mega.models.qwen2_vl.spec import layer_spec, resolve_kernels
+from mllm_mega.models.qwen2_vl.vision import VisionTransformer
+
+
+class Qwen2VLModel(MegatronModule):
+    """One pipeline stage of the model (the whole model when PP=1)."""
+
+    def __init__(self, arch: ModelArch, vision_config, llm_config, *, kernels: str = "torch",
+                 pre_process: bool = True, post_process: bool = True):
+        super().__init__(config=llm_config)
+        self.arch = arch
+        self.pre_process, self.post_process = pre_process, post_process
+        kernels = resolve_kernels(kernels)
+        self.kernels = kernels
+        self.vision = VisionTransformer(vision_config, arch.vision, kernels=kernels) if pre_process else None
+        norm_cls = TritonRMSNorm if kernels == "triton" else TorchRMSNorm
+        num_local = _num_local_layers(llm_config)
+        block = TransformerBlockSubmodules(
+            layer_specs=[layer_spec(causal=True, norm="rmsnorm", kernels=kernels)] * num_local,
+            layer_norm=norm_cls,
+        )
+        self.language_model = GPTModel(
+            config=llm_config,
+            transformer_layer_spec=block,
+            vocab_size=arch.text.vocab_size,
+            max_sequence_length=arch.text.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=arch.text.tie_word_embeddings,
+            position_embedding_type="none",
+            scatter_embedding_sequence_parallel=False,
+        )
+        head_dim = arch.text.head_dim
+        inv_freq = 1.0 / (arch.text.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+        self.share_embeddings_and_output_weights = arch.text.tie_word_embeddings
+
+    # --- pipeline plumbing -------------------------------------------------------------------------
+    def set_input_tensor(self, input_tensor):
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.language_model.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
+    # --- forward -----------------------------------------------------------------------------------
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+              video_grid_thw=None):
+        """Token embeddings with vision features written at the image/video placeholders: (T, 1, hidden)."""
+        emb = self.language_model.embedding(input_ids=input_ids.view(1, -1), position_ids=None)  # (T, 1, h)
+        pieces, grids = [], []
+        for pv, grid in ((pixel_values, image_grid_thw), (pixel_values_videos, video_grid_thw)):
+            if pv is not None and grid is not None and grid.numel() > 0:
+                pieces.append(pv)
+                grids.append(grid)
+        if pieces:
+            feats = self.vision(torch.cat(pieces), torch.cat(grids))
+            unit = self.arch.vision.spatial_merge_size ** 2
+            num_image = int(image_grid_thw.prod(-1).sum()) // unit if image_grid_thw is not None else 0
+            emb = emb.clone()
+            for token_id, part in ((self.arch.image_token_id, feats[:num_image]),
+                                   (self.arch.video_token_id, feats[num_image:])):
+                mask = input_ids == token_id
+                if int(mask.sum()) != part.shape[0]:
+                    kind = "image" if token_id == self.arch.image_token_id else "video"
+                    raise ValueError(
+                        f"{int(mask.sum())} {kind} placeholder tokens in input_ids but the {kind} grids give "
+                        f"{part.shape[0]} merged tokens"
+                    )
+                emb[mask, 0] = part.to(emb.dtype)
+        return emb
+
+    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen=None, pixel_values=None,
+                image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):
+        """One packed sequence. Returns (T, vocab/TP) logits on the last stage, hidden states elsewhere."""
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        params = make_packed_seq_params(cu_seqlens, max_seqlen, position_ids, self.rope_inv_freq,
+                                        self.arch.text.mrope_section)
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos,
+                                       video_grid_thw)
+            if self.config.sequence_parallel:
+                decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
+        out = self.language_model(input_ids=None, position_ids=None, attention_mask=None,
+                                  decoder_input=decoder_input, packed_seq_params=params)
+        if self.post_process:
+            return out[0]  # (b=1, T, V/TP) -> (T, V/TP)
+        return out
+
+
+def _num_local_layers(config) -> int:
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    return get_num_layers_to_build(config)
+
+
+def build_model(arch: ModelArch, layout: ParallelLayout | None = None, *, kernels: str = "torch",
+                params_dtype=torch.float32) -> Qwen2VLModel:
+    """Build this rank's stage of the model (megatron's parallel_state must be initialised)."""
+    layout = layout or ParallelLayout(
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+    )
+    vision_cfg, llm_cfg = to_transformer_configs(arch, layout, params_dtype=params_dtype,
+                                                 use_cpu_initialization=not torch.cuda.is_available())
+    pre = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+    post = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    model = Qwen2VLModel(arch, vision_cfg, llm_cfg, kernels=kernels, pre_process=pre, post_process=post)
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def pack_hf_batch(arch: ModelArch, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
+                  second_per_grid_ts=None, pad_to_multiple: int = 1):
+    """Pack a padded HF batch (B, S) into one THD sequence.
+
+    Returns ``(packed_ids (T,), position_ids (3, T), cu_seqlens (B+1 or B+2,), token_index)`` where
+    ``token_index`` (T_real,) gives, for each real packed token, its flat index in the (B, S) batch. A trailing
+    padding segment is appended when ``T`` must be a multiple of ``pad_to_multiple`` (sequence parallel).
+    """
+    batch, seq = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    pos = get_rope_index(
+        input_ids, image_token_id=arch.image_token_id, video_token_id=arch.video_token_id,
+        image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
+        attention_mask=attention_mask, spatial_merge_size=arch.vision.spatial_merge_size,
+        tokens_per_second=arch.vision.tokens_per_second if arch.family == "qwen2_5_vl" else None,
+    )
+    keep = attention_mask.bool()
+    token_index = torch.nonzero(keep.reshape(-1)).squeeze(1)
+    packed_ids = input_ids.reshape(-1)[token_index]
+    packed_pos = pos.reshape(3, -1)[:, token_index]
+    lens = keep.sum(1).tolist()
+    bounds = [0]
+    for n in lens:
+        bounds.append(bounds[-1] + n)
+    pad = (-bounds[-1]) % pad_to_multiple
+    if pad:
+        packed_ids = F.pad(packed_ids, (0, pad))
+        packed_pos = F.pad(packed_pos, (0, pad))
+        bounds.append(bounds[-1] + pad)
+    return packed_ids, packed_pos, torch.tensor(bounds, dtype=torch.int32), token_index

@@ -1,0 +1,67 @@
+"""megatron-core layer specs for the Qwen2(.5)-VL towers.
+
+Implementations are swapped by changing a slot here (``kernels``: torch | triton), never inside model code:
+``core_attention`` (packed varlen attention + fused RoPE) and the norms.
+"""
+from __future__ import annotations
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from mllm_mega.models.common.attention import TorchPackedAttention, TritonPackedAttention
+from mllm_mega.models.common.norm import TorchLayerNorm, TorchRMSNorm, TritonRMSNorm
+
+KERNEL_CHOICES = ("auto", "torch", "triton")
+
+
+def resolve_kernels(kernels: str) -> str:
+    """``auto`` = Triton on CUDA, torch on CPU."""
+    import torch
+
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels={kernels!r}; expected one of {KERNEL_CHOICES}")
+    if kernels == "auto":
+        return "triton" if torch.cuda.is_available() else "torch"
+    return kernels
+
+
+def layer_spec(*, causal: bool, norm: str, kernels: str = "torch") -> ModuleSpec:
+    """A transformer layer: norm -> packed self-attention -> residual -> norm -> MLP -> residual."""
+    kernels = resolve_kernels(kernels)
+    attention = TritonPackedAttention if kernels == "triton" else TorchPackedAttention
+    if norm == "rmsnorm":
+        norm_cls = TritonRMSNorm if kernels == "triton" else TorchRMSNorm
+    elif norm == "layernorm":
+        norm_cls = TorchLayerNorm
+    else:
+        raise ValueError(f"norm={norm!r}; expected rmsnorm or layernorm")
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm_cls,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal if causal else AttnMaskType.no_mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=attention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm_cls,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )

@@ -1,0 +1,161 @@
+"""NaViT vision tower of Qwen2-VL / Qwen2.5-VL on megatron-core layers, with native tensor parallelism.
+
+As in the Qwen2.5-VL report: patches of 14 px over 2 frames (a still image is two identical frames), 2D RoPE
+over the (h, w) patch coordinates, window attention over 112 px windows (8x8 patches = 4x4 merged units) in
+all layers but ``fullatt_block_indexes`` (which attend over whole frames), and an MLP merger of 2x2 patches
+into the LLM width. Qwen2-VL has no windows (every layer attends over whole frames), LayerNorm and a
+QuickGELU MLP. All attention is non-causal and packed (THD): many images of any size form one sequence.
+
+Tensor parallelism: attention heads, MLP and the merger are split over the TP group; the patch embedding and
+norms are replicated; activations are replicated (no sequence parallelism in the ViT).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from torch import nn
+
+from mllm_mega.models.common.attention import make_packed_seq_params
+from mllm_mega.models.common.norm import TorchLayerNorm, TorchRMSNorm
+from mllm_mega.models.qwen2_vl.configuration import VisionArch
+from mllm_mega.models.qwen2_vl.spec import layer_spec
+
+
+def vision_position_ids(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
+    """(2, num_patches) (h, w) coordinates of every patch, in the processor's patch order.
+
+    The processor lays patches out so that each merge x merge group is contiguous (block-major order).
+    """
+    rows = []
+    for t, h, w in grid_thw.tolist():
+        hh = torch.arange(h).view(h // merge, merge, 1, 1).expand(-1, -1, w // merge, merge)
+        ww = torch.arange(w).view(1, 1, w // merge, merge).expand(h // merge, merge, -1, -1)
+        hw = torch.stack([hh.transpose(1, 2).reshape(-1), ww.transpose(1, 2).reshape(-1)])
+        rows.append(hw.repeat(1, t))
+    return torch.cat(rows, dim=1) if rows else torch.zeros(2, 0, dtype=torch.long)
+
+
+def frame_cu_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
+    """Segments for full attention: one per frame (h*w patches, repeated t times per image)."""
+    lens = [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]
+    return F.pad(torch.tensor(lens, dtype=torch.int64).cumsum(0), (1, 0)).to(torch.int32)
+
+
+def window_partition(grid_thw: torch.Tensor, merge: int, window_units: int):
+    """Window attention layout (Qwen2.5-VL).
+
+    Returns ``window_index`` (num_merged_units,) — the permutation of merged units into window order (windows of
+    window_units x window_units merged units, row-major over each frame, partial windows at the right/bottom
+    edges keep only their real units) — and ``cu_window_seqlens`` (num_windows + 1,) int32 in patches.
+    """
+    index, lens, offset = [], [], 0
+    for t, h, w in grid_thw.tolist():
+        gh, gw = h // merge, w // merge
+        ids = torch.arange(t * gh * gw).view(t, gh, gw) + offset
+        for f in range(t):
+            for r in range(0, gh, window_units):
+                for c in range(0, gw, window_units):
+                    win = ids[f, r:r + window_units, c:c + window_units].reshape(-1)
+                    index.append(win)
+                    lens.append(win.numel() * merge * merge)
+        offset += t * gh * gw
+    window_index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
+    cu = F.pad(torch.tensor(lens, dtype=torch.int64).cumsum(0), (1, 0)).to(torch.int32)
+    return window_index, cu
+
+
+class PatchMerger(MegatronModule):
+    """norm -> group 2x2 patches -> Linear -> GELU -> Linear (column/row parallel)."""
+
+    def __init__(self, config, arch: VisionArch):
+        super().__init__(config=config)
+        unit = arch.spatial_merge_size ** 2
+        self.merged_size = arch.hidden_size * unit
+        norm_cls = TorchRMSNorm if arch.norm == "rmsnorm" else TorchLayerNorm
+        self.ln_q = norm_cls(hidden_size=arch.hidden_size, eps=1e-6)
+        self.fc1 = ColumnParallelLinear(self.merged_size, self.merged_size, config=config,
+                                        init_method=config.init_method, bias=True, gather_output=False)
+        self.fc2 = RowParallelLinear(self.merged_size, arch.out_hidden_size, config=config,
+                                     init_method=config.output_layer_init_method, bias=True,
+                                     input_is_parallel=True, skip_bias_add=False)
+
+    def forward(self, x):  # x (num_patches, hidden) -> (num_patches / unit, out_hidden)
+        x = self.ln_q(x).view(-1, self.merged_size)
+        x, _ = self.fc1(x)
+        x, _ = self.fc2(F.gelu(x))
+        return x
+
+
+class VisionTransformer(MegatronModule):
+    """Patch embedding, megatron transformer layers with packed (window / frame) attention, patch merger."""
+
+    def __init__(self, config, arch: VisionArch, kernels: str = "torch"):
+        super().__init__(config=config)
+        self.arch = arch
+        self.merge = arch.spatial_merge_size
+        # A Conv3d with stride == kernel over (C, T, P, P) patches is a matmul over the flattened patch.
+        self.patch_embed = nn.Linear(arch.patch_dim, arch.hidden_size, bias=False)
+        spec = layer_spec(causal=False, norm=arch.norm, kernels=kernels)
+        self.layers = nn.ModuleList(
+            [build_module(spec, config=config, layer_number=i + 1) for i in range(arch.depth)]
+        )
+        self.merger = PatchMerger(config, arch)
+        quarter = arch.head_dim // 4
+        f = 1.0 / (arch.rope_theta ** (torch.arange(0, 2 * quarter, 2, dtype=torch.float) / (2 * quarter)))
+        self.register_buffer("rope_inv_freq", torch.cat([f, f]), persistent=False)
+        self.rope_sections = (quarter, quarter)
+        if arch.window_size is not None:
+            self.window_units = arch.window_size // arch.patch_size // self.merge
+            self.full_layers = set(arch.fullatt_block_indexes)
+        else:
+            self.window_units = None
+            self.full_layers = set(range(arch.depth))
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """pixel_values (num_patches, C*T*P*P), grid_thw (num_images, 3) -> (num_patches / 4, out_hidden)."""
+        grid_thw = grid_thw.cpu()
+        device = pixel_values.device
+        unit = self.merge ** 2
+        hidden = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
+        pos = vision_position_ids(grid_thw, self.merge)
+        cu_full = frame_cu_seqlens(grid_thw)
+        if self.window_units is not None:
+            window_index, cu_window = window_partition(grid_thw, self.merge, self.window_units)
+            perm = (window_index[:, None] * unit + torch.arange(unit)).reshape(-1)
+            hidden = hidden[perm.to(device)]
+            pos = pos[:, perm]
+        inv_freq = self.rope_inv_freq.to(device)
+        full = make_packed_seq_params(cu_full.to(device), _max_len(cu_full), pos.to(device), inv_freq,
+                                      self.rope_sections)
+        window = full
+        if self.window_units is not None:
+            window = make_packed_seq_params(cu_window.to(device), _max_len(cu_window), pos.to(device),
+                                            inv_freq, self.rope_sections)
+        hidden = hidden.unsqueeze(1)  # (T, 1, hidden): megatron's [s, b, h]
+        for i, layer in enumerate(self.layers):
+            params = full if i in self.full_layers else window
+            hidden, _ = layer(hidden, attention_mask=None, packed_seq_params=params)
+        merged = self.merger(hidden.squeeze(1))
+        if self.window_units is not None:
+            merged = merged[torch.argsort(window_index).to(device)]
+        return merged
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        # Vision layers are numbered locally (the tower lives whole on the first pipeline stage).
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        out = {}
+        for name, module in self.named_children():
+            if name == "layers":
+                for i, layer in enumerate(module):
+                    out.update(layer.sharded_state_dict(f"{prefix}layers.{i}.", sharded_offsets, metadata))
+            else:
+                out.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata))
+        return out
+
+
+def _max_len(cu: torch.Tensor) -> int:
+    return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0

@@ -1,0 +1,93 @@
+"""CPU compatibility layer for megatron-core (gloo, no CUDA). The only place that patches megatron-core.
+
+megatron-core 0.16 assumes CUDA in a few places that our CPU path (tests, CI, the tiny demo) reaches:
+
+1. RNG tracker: ``CudaRNGStatesTracker.add/fork`` read and write CUDA generator states. On CPU the tracked
+   states are CPU generator states (only used for dropout/initialisation forks, which behave as on GPU).
+2. ``torch.cuda.current_device()`` is called by p2p communication, the pipeline schedules and
+   dist-checkpointing to place buffers; ``torch.cuda.synchronize()`` and CUDA streams by checkpointing. On CPU
+   ``current_device`` returns the string ``"cpu"`` (a valid ``device=`` argument) and synchronize is a no-op.
+3. The pipeline schedules allocate tensors with ``device="cuda"``; ``torch.empty/zeros/ones/tensor`` given a
+   CUDA device fall back to CPU while this layer is applied.
+4. gloo has no ``reduce_scatter``: megatron's sequence-parallel reduce-scatter is done as an all-reduce plus
+   a local slice (same result; only used on CPU, where speed does not matter).
+
+Apply once per process with :func:`apply` before building models; it is a no-op when CUDA is available.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+
+_APPLIED = False
+
+
+def _cpu_device(device):
+    if device is None:
+        return None
+    dev = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    return torch.device("cpu") if dev.type == "cuda" else dev
+
+
+def _wrap_factory(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _patch_rng_tracker():
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        self.seeds_.add(seed)
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        gen = torch.Generator()
+        gen.manual_seed(seed)
+        self.states_[name] = gen.get_state()
+
+    mrandom.CudaRNGStatesTracker.add = add
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+
+def _patch_reduce_scatter():
+    """gloo lacks reduce_scatter: emulate it with all_reduce + slice for megatron's SP mappings."""
+    orig = dist.reduce_scatter_tensor
+
+    def reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if dist.get_backend(group) != "gloo":
+            return orig(output, input, op=op, group=group, async_op=async_op)
+        buf = input.clone()
+        dist.all_reduce(buf, op=op, group=group)
+        rank = dist.get_rank(group)
+        n = output.shape[0]
+        output.copy_(buf[rank * n:(rank + 1) * n])
+        return None
+
+    dist.reduce_scatter_tensor = reduce_scatter_tensor
+
+
+def apply() -> None:
+    """Neutralise megatron-core's CUDA assumptions when no GPU is present (idempotent)."""
+    global _APPLIED
+    if _APPLIED or torch.cuda.is_available():
+        return
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.set_device = lambda *a, **k: None
+    for name in ("empty", "zeros", "ones", "tensor", "full", "randn", "rand", "arange", "empty_like",
+                 "zeros_like", "ones_like"):
+        setattr(torch, name, _wrap_factory(getattr(torch, name)))
+    _patch_rng_tracker()
+    _patch_reduce_scatter()
+    _APPLIED = True
