@@ -285,7 +285,7 @@ def packing_stats(lengths, bins: Sequence[np.ndarray], capacity: int, *, images=
 
     Args:
         lengths: (n,) token count of each item.
-        bins: item indices of each bin (as returned by :func:`pack_ffd`).
+        bins: item indices of each bin, each non-empty (as returned by :func:`pack_ffd`).
         capacity: tokens per bin.
         images: optional (n,) images per item, to report images per bin.
 
@@ -298,7 +298,15 @@ def packing_stats(lengths, bins: Sequence[np.ndarray], capacity: int, *, images=
     lengths = np.asarray(lengths, dtype=np.int64)
     num_bins = len(bins)
     counts = np.array([len(b) for b in bins], dtype=np.int64)
-    tokens = np.array([int(lengths[b].sum()) for b in bins], dtype=np.int64)
+    if num_bins and counts.min() == 0:
+        raise ValueError(f"bins[{int(np.argmin(counts))}] is empty; packing_stats expects non-empty bins")
+    flat = np.concatenate(bins).astype(np.int64) if num_bins else np.zeros(0, np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+    def per_bin(values):  # sum of values over each bin; bins are never empty
+        return np.add.reduceat(values[flat], starts) if num_bins else np.zeros(0, np.int64)
+
+    tokens = per_bin(lengths)
     packed = int(tokens.sum())
     stats = {
         "num_bins": num_bins,
@@ -311,8 +319,7 @@ def packing_stats(lengths, bins: Sequence[np.ndarray], capacity: int, *, images=
         "tokens_per_bin_max": int(tokens.max()) if num_bins else 0,
     }
     if images is not None:
-        images = np.asarray(images, dtype=np.int64)
-        per_bin = np.array([int(images[b].sum()) for b in bins], dtype=np.int64)
-        stats["images_per_bin_mean"] = float(per_bin.mean()) if num_bins else 0.0
-        stats["images_per_bin_max"] = int(per_bin.max()) if num_bins else 0
+        img_per_bin = per_bin(np.asarray(images, dtype=np.int64))
+        stats["images_per_bin_mean"] = float(img_per_bin.mean()) if num_bins else 0.0
+        stats["images_per_bin_max"] = int(img_per_bin.max()) if num_bins else 0
     return stats

@@ -302,3 +302,20 @@ def test_packing_stats():
     assert stats["tokens_per_bin_max"] == 9
     assert stats["images_per_bin_max"] == 2 and stats["images_per_bin_mean"] == 1.5
     assert packing_stats(lengths, [], 10)["efficiency"] == 1.0
+
+
+def test_bench_packing_smoke(capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "bench_packing.py"
+    spec = importlib.util.spec_from_file_location("bench_packing_tool", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--sizes", "300", "--repeats", "1", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 3
+    for row in rows:
+        assert row["identical_to_ref"] is True
+        assert row["lower_bound_bins"] <= row["ffd_bins"] and 0 < row["ffd_efficiency"] <= 1
