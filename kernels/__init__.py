@@ -1,1 +1,20 @@
-"""Triton kernels for mllm_mega, importable as ``mllm_mega.kernels``."""
+"""Triton kernels for mllm_mega, importable as ``mllm_mega.kernels``.
+
+Each op module holds its torch reference (``*_ref``, the specification), the Triton kernels, launchers,
+an autograd Function and the public function:
+- ``varlen_attention``: packed attention with flash-attn's ``flash_attn_varlen_func`` call (GQA, causal);
+- ``apply_rope``: RoPE / MRoPE / ViT 2-D RoPE with angles computed from position ids in the kernel;
+- ``rms_norm``: RMSNorm with HF Qwen2RMSNorm numerics;
+- ``loss_weights`` + ``weighted_cross_entropy``: packed, reweighted, vocab-parallel cross-entropy.
+"""
+from .cross_entropy import loss_weights, weighted_cross_entropy, weighted_cross_entropy_ref
+from .rmsnorm import rms_norm, rms_norm_ref
+from .rope import apply_rope, apply_rope_ref
+from .varlen_attention import varlen_attention, varlen_attention_ref
+
+__all__ = [
+    "varlen_attention", "varlen_attention_ref",
+    "apply_rope", "apply_rope_ref",
+    "rms_norm", "rms_norm_ref",
+    "loss_weights", "weighted_cross_entropy", "weighted_cross_entropy_ref",
+]
