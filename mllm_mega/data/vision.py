@@ -204,3 +204,12 @@ def sample_frame_indices(num_frames: int, max_frames: int) -> np.ndarray:
         keep -= keep % TEMPORAL_PATCH_SIZE
     # the HF video processor's arange(0, total, total / keep) rule
     return np.arange(0, num_frames, num_frames / keep).astype(np.int64)[:keep]
+
+
+def jpeg_recompress_pil(image: np.ndarray, quality: int) -> np.ndarray:
+    """JPEG round trip at ``quality`` with PIL (the augmentation when DALI is not installed)."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=int(quality))
+    buf.seek(0)
+    with Image.open(buf) as img:
+        return np.asarray(img.convert("RGB"))

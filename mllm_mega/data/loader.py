@@ -1,0 +1,392 @@
+"""The training data loader: WebDataset shards -> packed THD micro-batches for Qwen2(.5)-VL, exactly resumable.
+
+    loader = build_train_loader(cfg, dp_rank=r, dp_size=n, spatial_merge_size=2, tokens_per_second=None)
+    batch = next(loader)                  # one micro-batch = one pack
+    state = loader.state_dict()           # save with the checkpoint
+    loader.load_state_dict(state)         # in a fresh loader: the following batches are bit-identical
+    loader.skip_counts                    # {"image_truncated": 3, ...} for the training log
+
+Flow per data-parallel rank: the rank's shards (whole shards when there are at least as many as ranks,
+else every dp_size-th sample of every shard; shard order hashed from (seed, epoch)) are read sample by
+sample; each sample is validated and tokenized without decoding (samples.py: image sizes from headers ->
+smart_resize -> token counts) into a buffer of ``buffer_size`` samples; the C++ First-Fit-Decreasing
+packer (Open-Qwen2VL's packing, with InternVL2.5's images-per-pack cap) packs the buffer into ``seq_len``
+contexts; packs at least ``min_pack_fill`` full are emitted in a hashed order, the other samples wait for
+the next round. Only then are a pack's images decoded (DALI, with the JPEG augmentation whose quality is a
+hash of (seed, epoch, key, index)), resized, normalized and patchified (vision.py), and collated
+(collate.py).
+
+Micro-batch (dict of CPU tensors; T = seq_len):
+    input_ids (T,) int64             padded with <|endoftext|>
+    labels (T,) int64                shifted: target of position i; -100 unsupervised/last/padding
+    loss_weights (T,) float32        1, 1/n or 1/sqrt(n) per DataConfig.loss_reweighting; 0 where ignored
+    position_ids (3, T) int64        MRoPE, restarting at 0 per sample; 0 on padding
+    cu_seqlens (S+1,) int32          one segment per sample, padding as its own last segment
+    max_seqlen int
+    pixel_values (P, 1176) float32   HF processor order; image_grid_thw (I, 3) int64
+    pixel_values_videos (Pv, 1176)   video_grid_thw (V, 3) int64, second_per_grid_ts (V,) float32
+    num_real_tokens, num_samples, num_images, num_videos int; sample_keys list[str]
+
+Exact resume: the state holds the stream position (epoch, shard, tar offset), the buffered and already
+packed samples as restore keys (shard path + member offsets: re-read without scanning) and the counters;
+there is no running RNG (shard order, pack order and augmentation are hashes), so a restored loader
+replays the same packs, decoded the same way.
+
+Bad samples never stop the loader: each is skipped with a reason counted in ``skip_counts`` (see
+samples.SKIP_REASONS); a truncated or unreadable shard is counted and the rest of it (up to the cut) used.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from mllm_mega.data.collate import ProcessedSample, collate_pack
+from mllm_mega.data.config import DataConfig
+from mllm_mega.data.packing import pack_ffd
+from mllm_mega.data.samples import SampleSpec, parse_sample
+from mllm_mega.data.shards import (RawSample, iter_shard, list_shards, rank_assignment, read_sample_at,
+                                   shard_order, stable_hash)
+from mllm_mega.data.text import IMAGE, TextProcessor
+from mllm_mega.data.vision import (BadSample, decode_image_pil, image_to_patches, jpeg_quality_for,
+                                   jpeg_recompress_pil, resize_pil, video_to_patches)
+from mllm_mega.models.qwen2_vl.rope_index import sample_position_ids
+
+logger = logging.getLogger(__name__)
+STATE_VERSION = 1
+MAX_RECENT_SKIPS = 32
+
+
+class _Stream:
+    """The rank's resumable sequence of raw samples over epochs."""
+
+    def __init__(self, shards, *, dp_rank, dp_size, seed, epochs, on_event):
+        self.shards, self.dp_rank, self.dp_size, self.seed, self.epochs = shards, dp_rank, dp_size, seed, epochs
+        self.positions, self.stride, self.phase = rank_assignment(len(shards), dp_rank, dp_size)
+        self.on_event = on_event
+        self.epoch, self.shard_pos, self.offset, self.sample_index = 0, 0, 0, 0
+        self._iter, self._events = None, []
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "shard_pos": self.shard_pos, "offset": self.offset,
+                "sample_index": self.sample_index}
+
+    def set_position(self, pos: dict):
+        self.epoch, self.shard_pos = int(pos["epoch"]), int(pos["shard_pos"])
+        self.offset, self.sample_index = int(pos["offset"]), int(pos["sample_index"])
+        self._iter = None
+
+    def _next_shard(self):
+        self.shard_pos += 1
+        self.offset, self.sample_index, self._iter = 0, 0, None
+
+    def next(self) -> tuple[RawSample, int] | None:
+        while True:
+            if self.epochs is not None and self.epoch >= self.epochs:
+                return None
+            if self.shard_pos >= len(self.positions):
+                self.epoch, self.shard_pos, self.offset, self.sample_index, self._iter = self.epoch + 1, 0, 0, 0, None
+                continue
+            if self.offset < 0:  # the previous sample was the shard's last
+                self._next_shard()
+                continue
+            if self._iter is None:
+                path = shard_order(self.shards, self.seed, self.epoch)[self.positions[self.shard_pos]]
+                self._events = []
+                self._iter = iter_shard(path, self.offset, self._events)
+            item = next(self._iter, None)
+            for event in self._events:
+                # with fewer shards than ranks every rank reads every shard: count shard problems once
+                if self.stride == 1 or self.dp_rank == 0:
+                    self.on_event(event.reason, os.path.basename(event.shard), event.message)
+            self._events.clear()
+            if item is None:
+                self._next_shard()
+                continue
+            raw, self.offset = item
+            index, self.sample_index = self.sample_index, self.sample_index + 1
+            if index % self.stride == self.phase:
+                return raw, self.epoch
+
+
+class PackedLoader:
+    """Iterator of packed micro-batches; see the module docstring."""
+
+    def __init__(self, cfg: DataConfig, *, dp_rank: int = 0, dp_size: int = 1, spatial_merge_size: int = 2,
+                 tokens_per_second: float | None = None):
+        self.cfg = cfg
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.spatial_merge_size, self.tokens_per_second = spatial_merge_size, tokens_per_second
+        self.text = TextProcessor(cfg.tokenizer_dir)
+        self.shards = list_shards(cfg.data_path)
+        self._stream = _Stream(self.shards, dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed, epochs=cfg.epochs,
+                               on_event=self._skip)
+        self._buffer: list[SampleSpec] = []
+        self._ready: list[list[SampleSpec]] = []
+        self._round = 0
+        self._last_good_epoch = 0
+        self.skip_counts: dict[str, int] = {}
+        self.recent_skips: list[tuple[str, str, str]] = []
+        self.stats = {"samples": 0, "packs": 0, "real_tokens": 0, "images": 0, "videos": 0}
+        self.decoder_name, self.decode_device, self.resize_backend = _resolve_backends(cfg)
+        self._decoder = None
+        self._pool = ThreadPoolExecutor(cfg.num_workers) if cfg.num_workers > 1 else None
+
+    # ----------------------------------------------------------------------------------------------- stream
+    def _skip(self, reason: str, key: str, message: str):
+        self.skip_counts[reason] = self.skip_counts.get(reason, 0) + 1
+        self.recent_skips = (self.recent_skips + [(reason, key, message)])[-MAX_RECENT_SKIPS:]
+        logger.debug("skipped %s: %s", key, message)
+        if reason in ("truncated_tar", "unreadable_shard"):
+            logger.warning("data: %s", message)
+
+    def _fill_buffer(self) -> bool:
+        """Read samples until the buffer is full; False when the data is exhausted."""
+        while len(self._buffer) < self.cfg.buffer_size:
+            item = self._stream.next()
+            if item is None:
+                return False
+            raw, epoch = item
+            try:
+                spec = parse_sample(raw, self.text, self.cfg, epoch)
+            except BadSample as exc:
+                self._skip(exc.reason, raw.key, str(exc))
+                if epoch - self._last_good_epoch >= 2:
+                    raise RuntimeError(f"data: no usable sample in a whole epoch on rank {self.dp_rank}; "
+                                       f"skip counts {self.skip_counts}") from None
+                continue
+            self._last_good_epoch = epoch
+            self._buffer.append(spec)
+        return True
+
+    def _pack_round(self) -> bool:
+        """Pack the buffer and queue the packs that are full enough; False when nothing is left."""
+        more = self._fill_buffer()
+        if not self._buffer:
+            return False
+        cfg = self.cfg
+        lengths = np.array([s.length for s in self._buffer], dtype=np.int64)
+        images = np.array([s.num_media for s in self._buffer], dtype=np.int64)
+        bins = pack_ffd(lengths, cfg.seq_len, images=images if cfg.max_images_per_pack else None,
+                        max_images=cfg.max_images_per_pack, max_items=cfg.max_samples_per_pack)
+        fills = [int(lengths[b].sum()) for b in bins]
+        emit = [i for i, f in enumerate(fills) if not more or f >= cfg.min_pack_fill * cfg.seq_len]
+        # underfull packs wait for new samples, but never let them crowd out more than half the buffer
+        waiting = sorted((i for i in range(len(bins)) if i not in set(emit)), key=lambda i: (-fills[i], i))
+        while waiting and (not emit or sum(len(bins[i]) for i in waiting) > cfg.buffer_size // 2):
+            emit.append(waiting.pop(0))
+        emit.sort(key=lambda i: (stable_hash("pack-order", cfg.seed, self._round, i), i))
+        self._round += 1
+        self._ready.extend([self._buffer[j] for j in bins[i]] for i in emit)
+        keep = sorted(int(j) for i in waiting for j in bins[i])
+        self._buffer = [self._buffer[j] for j in keep]
+        return True
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        while True:
+            if not self._ready and not self._pack_round():
+                raise StopIteration
+            batch = self._materialize(self._ready.pop(0))
+            if batch is not None:
+                return batch
+
+    # ------------------------------------------------------------------------------------------- decoding
+    def _get_decoder(self):
+        if self._decoder is None and self.decoder_name == "dali":
+            from mllm_mega.data.dali_decode import DaliDecoder
+
+            self._decoder = DaliDecoder(self.decode_device, num_threads=self.cfg.num_workers,
+                                        max_batch=self.cfg.decode_batch_size,
+                                        resize=self.resize_backend == "dali")
+        return self._decoder
+
+    def _map(self, fn, *iterables):
+        return list(self._pool.map(fn, *iterables)) if self._pool else list(map(fn, *iterables))
+
+    def _decode(self, encoded, qualities, sizes):
+        decoder = self._get_decoder()
+        if decoder is not None:
+            return decoder.decode(encoded, qualities, sizes)
+
+        def one(data, quality):
+            try:
+                image = decode_image_pil(data)
+                return jpeg_recompress_pil(image, quality) if quality is not None else image
+            except Exception as exc:  # PIL raises many exception types on corrupt data
+                return exc
+
+        return self._map(one, encoded, qualities)
+
+    def _materialize(self, pack: list[SampleSpec]) -> dict | None:
+        cfg = self.cfg
+        encoded, qualities, targets, owners = [], [], [], []
+        for si, spec in enumerate(pack):
+            for mi, medium in enumerate(spec.media):
+                quality = jpeg_quality_for(cfg.seed, spec.epoch, spec.key, mi, cfg.jpeg_prob, cfg.jpeg_quality)
+                for frame in medium.frames:
+                    encoded.append(frame)
+                    qualities.append(quality)
+                    targets.append(medium.resized)
+                    owners.append((si, mi))
+        decoded = self._decode(encoded, qualities, targets) if encoded else []
+        resized_by_decoder = self.resize_backend == "dali"
+        frames: dict[tuple[int, int], list] = {}
+        bad: dict[int, str] = {}
+        for (si, mi), image in zip(owners, decoded):
+            medium = pack[si].media[mi]
+            expect = medium.resized if resized_by_decoder else medium.size
+            if isinstance(image, Exception) or image.shape != (*expect, 3):
+                what = f"decoded shape {image.shape}, header said {expect}" if not isinstance(image, Exception) \
+                    else str(image).splitlines()[0]
+                bad.setdefault(si, ("image_decode_error" if medium.kind == IMAGE else "video_error", what))
+                continue
+            frames.setdefault((si, mi), []).append(image)
+        for si, (reason, message) in sorted(bad.items()):
+            self._skip(reason, pack[si].key, f"{pack[si].key}: {message}")
+
+        def patches_of(si_mi):
+            medium = pack[si_mi[0]].media[si_mi[1]]
+            h, w = medium.resized
+            imgs = [im if resized_by_decoder else resize_pil(im, h, w) for im in frames[si_mi]]
+            if medium.kind == IMAGE:
+                return image_to_patches(imgs[0], self.spatial_merge_size)[0]
+            return video_to_patches(np.stack(imgs), self.spatial_merge_size)[0]
+
+        good = [si for si in range(len(pack)) if si not in bad]
+        keys = [(si, mi) for si in good for mi in range(pack[si].num_media)]
+        patches = dict(zip(keys, self._map(patches_of, keys)))
+        samples = [ProcessedSample(pack[si], [patches[(si, mi)] for mi in range(pack[si].num_media)])
+                   for si in good]
+        if not samples:
+            return None
+        batch = collate_pack(samples, cfg.seq_len, loss_reweighting=cfg.loss_reweighting,
+                             pad_token_id=self.text.pad_token_id, spatial_merge_size=self.spatial_merge_size,
+                             tokens_per_second=self.tokens_per_second)
+        st = self.stats
+        st["samples"] += batch["num_samples"]
+        st["packs"] += 1
+        st["real_tokens"] += batch["num_real_tokens"]
+        st["images"] += batch["num_images"]
+        st["videos"] += batch["num_videos"]
+        return batch
+
+    # ----------------------------------------------------------------------------------------------- state
+    def _fingerprint(self) -> dict:
+        c = self.cfg
+        return {"dp_rank": self.dp_rank, "dp_size": self.dp_size, "seed": c.seed, "seq_len": c.seq_len,
+                "shards": [os.path.basename(s) for s in self.shards], "min_pixels": c.min_pixels,
+                "max_pixels": c.max_pixels, "buffer_size": c.buffer_size}
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue the stream exactly (JSON-serializable)."""
+        def keys(specs):
+            return [[s.epoch, s.restore_key] for s in specs]
+
+        return {"version": STATE_VERSION, "fingerprint": self._fingerprint(), "stream": self._stream.position(),
+                "buffer": keys(self._buffer), "ready": [keys(p) for p in self._ready], "round": self._round,
+                "last_good_epoch": self._last_good_epoch, "skip_counts": dict(self.skip_counts),
+                "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict):
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r} != {STATE_VERSION}")
+        mine = self._fingerprint()
+        for name, value in state["fingerprint"].items():
+            if mine.get(name) != value:
+                raise ValueError(f"loader state was saved with {name}={value!r}, this loader has {mine.get(name)!r}")
+
+        def restore(entries):
+            specs = []
+            for epoch, restore_key in entries:
+                try:
+                    specs.append(parse_sample(read_sample_at(restore_key), self.text, self.cfg, epoch))
+                except (OSError, BadSample) as exc:
+                    raise ValueError(f"cannot restore sample {restore_key[1]!r} from {restore_key[0]}: {exc}; "
+                                     "the data changed since the state was saved") from exc
+            return specs
+
+        self._stream.set_position(state["stream"])
+        self._buffer = restore(state["buffer"])
+        self._ready = [restore(p) for p in state["ready"]]
+        self._round = int(state["round"])
+        self._last_good_epoch = int(state["last_good_epoch"])
+        self.skip_counts = dict(state["skip_counts"])
+        self.stats = dict(state["stats"])
+
+
+def _resolve_backends(cfg: DataConfig) -> tuple[str, str, str]:
+    from mllm_mega.data.dali_decode import HAVE_DALI, cuda_available
+
+    decoder = cfg.decoder if cfg.decoder != "auto" else ("dali" if HAVE_DALI else "pil")
+    if decoder == "dali" and not HAVE_DALI:
+        raise ValueError("decoder='dali' but nvidia-dali is not installed")
+    device = cfg.decode_device
+    if device == "auto":
+        device = "gpu" if decoder == "dali" and cuda_available() else "cpu"
+    if device == "gpu" and decoder != "dali":
+        raise ValueError("decode_device='gpu' needs decoder='dali'")
+    resize = cfg.resize_backend if cfg.resize_backend != "auto" else ("dali" if device == "gpu" else "pil")
+    if resize == "dali" and decoder != "dali":
+        raise ValueError("resize_backend='dali' needs the DALI decoder")
+    return decoder, device, resize
+
+
+def build_train_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int, spatial_merge_size: int = 2,
+                       tokens_per_second: float | None = None) -> PackedLoader:
+    """The trainer's data entry point: an iterator of packed micro-batches for this data-parallel rank."""
+    return PackedLoader(cfg, dp_rank=dp_rank, dp_size=dp_size, spatial_merge_size=spatial_merge_size,
+                        tokens_per_second=tokens_per_second)
+
+
+def build_eval_samples(cfg: DataConfig, *, path: str | list[str] | None = None, max_samples: int | None = None,
+                       spatial_merge_size: int = 2) -> list[dict]:
+    """Held-out caption samples for generation: one dict per single-image caption sample.
+
+    Keys: ``key``, ``pixel_values`` (P, 1176) float32, ``image_grid_thw`` (1, 3) int64, ``input_ids`` (L,)
+    int64 (the caption prompt, placeholders expanded), ``position_ids`` (3, L) int64, ``caption`` str.
+    Images are decoded with PIL and not augmented; bad samples are skipped (as in training).
+    """
+    import torch
+
+    path = path if path is not None else cfg.eval_data_path
+    if not path:
+        raise ValueError("build_eval_samples needs a path or DataConfig.eval_data_path")
+    text = TextProcessor(cfg.tokenizer_dir)
+    out = []
+    for shard in list_shards(path):
+        for raw, _ in iter_shard(shard):
+            if max_samples is not None and len(out) >= max_samples:
+                return out
+            try:
+                spec = parse_sample(raw, text, cfg)
+                if "txt" not in raw.fields or [m.kind for m in spec.media] != [IMAGE]:
+                    continue
+                medium = spec.media[0]
+                image = resize_pil(decode_image_pil(medium.frames[0]), *medium.resized)
+            except (BadSample, OSError, ValueError):
+                continue
+            pixel_values, grid = image_to_patches(image, spatial_merge_size)
+            ids, _, types = text.expand(
+                _prompt_encoding(text), [(IMAGE, medium.num_tokens)])
+            out.append({
+                "key": raw.key,
+                "pixel_values": torch.from_numpy(pixel_values),
+                "image_grid_thw": torch.tensor([grid], dtype=torch.int64),
+                "input_ids": torch.from_numpy(ids),
+                "position_ids": sample_position_ids(torch.from_numpy(types), [grid],
+                                                    spatial_merge_size=spatial_merge_size),
+                "caption": raw.fields["txt"].decode("utf-8").strip(),
+            })
+    return out
+
+
+def _prompt_encoding(text: TextProcessor):
+    from mllm_mega.data.text import Encoded
+
+    prompt = text.caption_prompt(["image"])
+    return Encoded(prompt, [False] * len(prompt))
