@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from mllm_mega.data.samples import SampleSpec
-from mllm_mega.data.vision import PATCH_DIM
-from mllm_mega.models.qwen2_vl.rope_index import sample_position_ids
 from mllm_mega.data.text import IMAGE, VIDEO
+from mllm_mega.data.vision import PATCH_DIM
+from mllm_mega.kernels.cross_entropy import loss_weights
+from mllm_mega.models.qwen2_vl.rope_index import sample_position_ids
 
 IGNORE_INDEX = -100
 
@@ -36,28 +37,6 @@ def shifted_labels(input_ids: np.ndarray, supervised: np.ndarray) -> np.ndarray:
     labels = np.full(len(input_ids), IGNORE_INDEX, dtype=np.int64)
     labels[:-1] = np.where(supervised[1:], input_ids[1:], IGNORE_INDEX)
     return labels
-
-
-def _loss_weights(labels: torch.Tensor, cu_seqlens: torch.Tensor, mode: str,
-                  ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Per-token weights; the same definition as mllm_mega.kernels.cross_entropy.loss_weights.
-
-    TODO: call mllm_mega.kernels.cross_entropy.loss_weights once it lands (the kernels helper writes it).
-    """
-    valid = labels != ignore_index
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    segment = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-    counts = torch.zeros(len(lengths), dtype=torch.float32).index_add_(0, segment, valid.float())
-    per_token = counts[segment]
-    if mode == "token":
-        weights = torch.ones_like(per_token)
-    elif mode == "sample":
-        weights = 1.0 / per_token.clamp(min=1)
-    elif mode == "square":
-        weights = torch.rsqrt(per_token.clamp(min=1))
-    else:
-        raise ValueError(f"loss reweighting mode must be token, sample or square, got {mode!r}")
-    return torch.where(valid, weights, torch.zeros_like(weights))
 
 
 def collate_pack(samples: list[ProcessedSample], seq_len: int, *, loss_reweighting: str = "token",
@@ -105,7 +84,7 @@ def collate_pack(samples: list[ProcessedSample], seq_len: int, *, loss_reweighti
     return {
         "input_ids": torch.from_numpy(input_ids),
         "labels": labels_t,
-        "loss_weights": _loss_weights(labels_t, cu_seqlens, loss_reweighting),
+        "loss_weights": loss_weights(labels_t, cu_seqlens, loss_reweighting),
         "position_ids": position_ids,
         "cu_seqlens": cu_seqlens,
         "max_seqlen": int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),

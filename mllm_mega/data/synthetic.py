@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -237,3 +238,59 @@ def train_tokenizer(texts, out_dir: str, vocab_size: int = 1024) -> dict:
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+
+
+def _write_split(out_dir, num, samples_per_shard, make, texts, bar):
+    os.makedirs(out_dir, exist_ok=True)
+    shards = []
+    for shard_idx, start in enumerate(range(0, num, samples_per_shard)):
+        def gen(start=start):
+            for i in range(start, min(start + samples_per_shard, num)):
+                key, fields = make(i)
+                texts.extend(sample_texts(fields))
+                bar.update(1)
+                yield key, fields
+
+        path = os.path.join(out_dir, f"shard-{shard_idx:06d}.tar")
+        write_shard(path, gen())
+        shards.append(os.path.basename(path))
+    return shards
+
+
+def _write_text_atomic(path: str, text: str):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def make_dataset(out: str, num: int, seed: int = 0, *, num_eval: int = 64, size_range=(56, 112),
+                 samples_per_shard: int = 1000, multi_image_frac: float = 0.1, video_frac: float = 0.0,
+                 caption_frac: float = 0.5, vocab_size: int = 1024, progress: bool = False) -> dict:
+    """Write train/ and eval/ shards, tokenizer/, meta.json and data.yaml under ``out``; returns the meta."""
+    from tqdm import tqdm
+
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    texts: list[str] = []
+    with tqdm(total=num + num_eval, desc="synthetic samples", unit="sample",
+              disable=not (progress and sys.stderr.isatty())) as bar:
+        train = _write_split(
+            os.path.join(out, "train"), num, samples_per_shard,
+            lambda i: make_sample(i, seed, size_range=size_range, multi_image_frac=multi_image_frac,
+                                  video_frac=video_frac, caption_frac=caption_frac), texts, bar)
+        evals = _write_split(os.path.join(out, "eval"), num_eval, samples_per_shard,
+                             lambda i: make_sample(i, seed, size_range=size_range, split="eval"), [], bar)
+    # the tokenizer learns from the training text only; held-out captions use the same small vocabulary
+    special = train_tokenizer(texts, os.path.join(out, "tokenizer"), vocab_size=vocab_size)
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(os.path.join(out, "tokenizer")))
+    meta = {"num_train": num, "num_eval": num_eval, "seed": seed, "image_size": list(size_range),
+            "train_shards": train, "eval_shards": evals, "vocab_size": vocab, "special_tokens": special}
+    _write_text_atomic(os.path.join(out, "meta.json"), json.dumps(meta, indent=2) + "\n")
+    _write_text_atomic(os.path.join(out, "data.yaml"),
+                       f"data_path: {os.path.join(out, 'train')}\n"
+                       f"eval_data_path: {os.path.join(out, 'eval')}\n"
+                       f"tokenizer_dir: {os.path.join(out, 'tokenizer')}\n")
+    return meta
