@@ -7,8 +7,10 @@ megatron-core 0.16 assumes CUDA in a few places that our CPU path (tests, CI, th
 2. ``torch.cuda.current_device()`` is called by p2p communication, the pipeline schedules and
    dist-checkpointing to place buffers; ``torch.cuda.synchronize()`` and CUDA streams by checkpointing. On CPU
    ``current_device`` returns the string ``"cpu"`` (a valid ``device=`` argument) and synchronize is a no-op.
-3. The pipeline schedules allocate tensors with ``device="cuda"``; ``torch.empty/zeros/ones/tensor`` given a
-   CUDA device fall back to CPU while this layer is applied.
+3. The pipeline schedules, optimizer and checkpointing allocate tensors with ``device="cuda"`` or call
+   ``.cuda()``. Inside megatron-core's modules (only there: the global ``torch`` functions are left alone, as
+   other libraries such as transformers rely on them) the name ``torch`` is rebound to a proxy whose tensor
+   factories map a CUDA device to the CPU; ``Tensor.cuda()`` returns the tensor itself.
 4. gloo has no ``reduce_scatter``: megatron's sequence-parallel reduce-scatter is done as an all-reduce plus
    a local slice (same result; only used on CPU, where speed does not matter).
 
@@ -17,6 +19,8 @@ Apply once per process with :func:`apply` before building models; it is a no-op 
 from __future__ import annotations
 
 import functools
+import sys
+import types
 
 import torch
 import torch.distributed as dist
@@ -39,6 +43,50 @@ def _wrap_factory(fn):
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+_FACTORIES = ("empty", "zeros", "ones", "tensor", "full", "randn", "rand", "arange", "empty_like",
+              "zeros_like", "ones_like", "full_like")
+
+# megatron-core modules that allocate on "cuda" explicitly; imported before the proxy is installed.
+_MEGATRON_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.tensor_parallel.data",
+)
+
+
+class _CpuTorch(types.ModuleType):
+    """Stands for ``torch`` inside megatron-core modules: CUDA devices in tensor factories become CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self._wrapped = {name: _wrap_factory(getattr(torch, name)) for name in _FACTORIES}
+
+    def __getattr__(self, name):
+        wrapped = self.__dict__.get("_wrapped", {})
+        if name in wrapped:
+            return wrapped[name]
+        return getattr(torch, name)
+
+
+def _install_torch_proxy():
+    import importlib
+
+    for name in _MEGATRON_MODULES:
+        importlib.import_module(name)
+    proxy = _CpuTorch()
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("megatron.core") and getattr(mod, "torch", None) is torch:
+            mod.torch = proxy
+    torch.Tensor.cuda = lambda self, *a, **k: self
 
 
 def _patch_rng_tracker():
@@ -85,9 +133,7 @@ def apply() -> None:
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.set_device = lambda *a, **k: None
-    for name in ("empty", "zeros", "ones", "tensor", "full", "randn", "rand", "arange", "empty_like",
-                 "zeros_like", "ones_like"):
-        setattr(torch, name, _wrap_factory(getattr(torch, name)))
+    _install_torch_proxy()
     _patch_rng_tracker()
     _patch_reduce_scatter()
     _APPLIED = True

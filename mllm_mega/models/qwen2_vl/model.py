@@ -29,6 +29,9 @@ class Qwen2VLModel(MegatronModule):
     def __init__(self, arch: ModelArch, vision_config, llm_config, *, kernels: str = "torch",
                  pre_process: bool = True, post_process: bool = True):
         super().__init__(config=llm_config)
+        from megatron.core.enums import ModelType
+
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.arch = arch
         self.pre_process, self.post_process = pre_process, post_process
         kernels = resolve_kernels(kernels)

@@ -145,15 +145,18 @@ class VisionTransformer(MegatronModule):
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         # Vision layers are numbered locally (the tower lives whole on the first pipeline stage).
+        from megatron.core import parallel_state
         from megatron.core.transformer.utils import sharded_state_dict_default
 
+        tp_group = parallel_state.get_tensor_model_parallel_group()  # marks replicated tensors' TP replicas
         out = {}
         for name, module in self.named_children():
             if name == "layers":
                 for i, layer in enumerate(module):
                     out.update(layer.sharded_state_dict(f"{prefix}layers.{i}.", sharded_offsets, metadata))
             else:
-                out.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata))
+                out.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
+                                                      tp_group=tp_group))
         return out
 
 

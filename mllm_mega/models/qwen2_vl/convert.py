@@ -1,0 +1,151 @@
+"""HF import and logits verification for Qwen2(.5)-VL (the logic behind ``tools/convert_checkpoint.py``)."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from mllm_mega.models.qwen2_vl.configuration import ParallelLayout, arch_from_hf_config
+from mllm_mega.models.qwen2_vl.hf_adapter import hf_to_ours, key_map
+from mllm_mega.models.qwen2_vl.hf_io import HFCheckpointReader
+from mllm_mega.models.qwen2_vl.inputs import CASES, random_inputs
+from mllm_mega.models.qwen2_vl.model import build_model, pack_hf_batch
+from mllm_mega.parallel.initialize import initialize_distributed
+from mllm_mega.training import checkpointing as ckpt
+
+
+def import_hf(hf_dir: str, out: str, *, progress: bool = True) -> None:
+    """HF directory -> megatron dist checkpoint at ``out`` (iteration 0, model only, fp32).
+
+    Everything is validated before anything is written; the checkpoint is built under a temporary name next
+    to ``out`` and renamed when complete, so a failure leaves nothing at ``out``.
+    """
+    if os.path.exists(out) and os.listdir(out):
+        raise FileExistsError(f"--out {out!r} exists and is not empty")
+    reader = HFCheckpointReader(hf_dir)
+    reader.check_keys()
+    arch = reader.arch
+    src_dtype = reader.dtype()
+    initialize_distributed(1, 1)
+    model = build_model(arch, ParallelLayout(), kernels="torch")
+    expected = {k: v.shape for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    state = {}
+    pairs = key_map(arch)
+    it = hf_to_ours(arch, reader.get, expected)
+    for ours, tensor in tqdm(it, total=len(pairs), desc="import-hf", disable=not progress, unit="tensor"):
+        state[ours] = tensor.to(torch.float32)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"model parameters with no HF source: {missing}")
+    model.load_state_dict(state, strict=True)
+    reader.close()
+    parent = os.path.dirname(os.path.abspath(out)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".import-", dir=parent)
+    try:
+        ckpt.write_meta(tmp, {"hf_config": arch.hf_config, "source_dtype": str(src_dtype).replace("torch.", ""),
+                              "source": os.path.abspath(hf_dir)})
+        ckpt.save_checkpoint(tmp, 0, ckpt.model_sharded_state_dict(model))
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                     "preprocessor_config.json", "chat_template.json", "generation_config.json",
+                     "special_tokens_map.json"):
+            if os.path.isfile(os.path.join(hf_dir, name)):
+                os.makedirs(os.path.join(tmp, "hf_extra"), exist_ok=True)
+                shutil.copy2(os.path.join(hf_dir, name), os.path.join(tmp, "hf_extra", name))
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty, checked above
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_hf_model(hf_dir: str):
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(hf_dir)
+    cls = getattr(transformers, cfg.architectures[0])
+    model = cls.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+def _pipeline_forward(model, batch, seq_len):
+    """Forward-only through megatron's pipeline schedule; returns logits (T, V/TP) on the last stage."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def step(data_iterator, m):
+        b = next(data_iterator)
+        out = m(b["input_ids"], b["position_ids"], b["cu_seqlens"], pixel_values=b.get("pixel_values"),
+                image_grid_thw=b.get("image_grid_thw"), pixel_values_videos=b.get("pixel_values_videos"),
+                video_grid_thw=b.get("video_grid_thw"))
+
+        def collect(output, non_loss_data=False):
+            return output
+
+        return out, collect
+
+    fb = get_forward_backward_func()
+    outs = fb(forward_step_func=step, data_iterator=iter([batch]), model=[model], num_microbatches=1,
+              seq_length=seq_len, micro_batch_size=1, forward_only=True, collect_non_loss_data=True)
+    return outs[0] if outs else None
+
+
+def verify(hf_dir: str, load: str, *, tp: int = 1, pp: int = 1, inputs_path: str | None = None,
+           atol: float = 1e-4, num_llm_layers_in_first_stage: int | None = None,
+           kernels: str = "torch") -> tuple[float, float]:
+    """Run HF and our model (loaded from ``load`` at TP/PP) on the same inputs; returns (max_abs, rel)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    meta = ckpt.read_meta(load)
+    arch = arch_from_hf_config(meta["hf_config"])
+    layout = ParallelLayout(tp, pp, num_llm_layers_in_first_stage=num_llm_layers_in_first_stage)
+    initialize_distributed(tp, pp)
+    model = build_model(arch, layout, kernels=kernels).eval()
+    ckpt.load_model_weights(load, model)
+    if inputs_path:
+        if not os.path.isfile(inputs_path):
+            raise FileNotFoundError(f"--inputs {inputs_path!r} not found")
+        cases = {"inputs": torch.load(inputs_path, weights_only=False)}
+    else:
+        cases = {c: random_inputs(arch, c) for c in CASES}
+    is_ref_rank = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+    hf_model = load_hf_model(hf_dir) if is_ref_rank else None
+    worst_abs, worst_ref = 0.0, 0.0
+    for name, inp in cases.items():
+        inp = dict(inp)
+        if "mm_token_type_ids" not in inp:
+            from mllm_mega.models.qwen2_vl.rope_index import mm_token_type_ids
+
+            inp["mm_token_type_ids"] = mm_token_type_ids(inp["input_ids"], arch.image_token_id,
+                                                         arch.video_token_id)
+        ids, pos, cu, index = pack_hf_batch(
+            arch, inp["input_ids"], inp.get("attention_mask"), inp.get("image_grid_thw"),
+            inp.get("video_grid_thw"), inp.get("second_per_grid_ts"), pad_to_multiple=tp)
+        batch = {"input_ids": ids, "position_ids": pos, "cu_seqlens": cu,
+                 **{k: inp[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos",
+                                        "video_grid_thw") if k in inp}}
+        if torch.cuda.is_available():
+            batch = {k: v.cuda() for k, v in batch.items()}
+        seq = ids.shape[0] // tp if model.config.sequence_parallel else ids.shape[0]
+        with torch.no_grad():
+            logits = _pipeline_forward(model, batch, seq)
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits).float().cpu()
+        if is_ref_rank:
+            with torch.no_grad():
+                ref = hf_model(**inp).logits.float()
+            ref = ref.reshape(-1, ref.shape[-1])[index]
+            diff = (logits[: index.numel()] - ref).abs().max().item()
+            worst_abs = max(worst_abs, diff)
+            worst_ref = max(worst_ref, ref.abs().max().item())
+            print(f"[verify] case={name} tokens={index.numel()} max_abs_diff={diff:.3e}", flush=True)
+    result = torch.tensor([worst_abs, worst_ref], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(result, op=dist.ReduceOp.MAX)
+    max_abs, max_ref = result.tolist()
+    return max_abs, max_abs / max(max_ref, 1e-30)
