@@ -7,6 +7,16 @@ an autograd Function and the public function:
 - ``rms_norm``: RMSNorm with HF Qwen2RMSNorm numerics;
 - ``loss_weights`` + ``weighted_cross_entropy``: packed, reweighted, vocab-parallel cross-entropy.
 """
+import os as _os
+
+import torch as _torch
+
+# Triton decides at @triton.jit time whether a kernel is compiled or interpreted. Without CUDA a compiled
+# kernel cannot run at all, so default to the interpreter (correctness-only, slow) before the kernel
+# modules below are imported; an explicit TRITON_INTERPRET setting is respected.
+if "TRITON_INTERPRET" not in _os.environ and not _torch.cuda.is_available():
+    _os.environ["TRITON_INTERPRET"] = "1"
+
 from .cross_entropy import loss_weights, weighted_cross_entropy, weighted_cross_entropy_ref
 from .rmsnorm import rms_norm, rms_norm_ref
 from .rope import apply_rope, apply_rope_ref
