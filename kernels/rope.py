@@ -23,12 +23,13 @@ import triton.language as tl
 # and then walks the heads BLOCK_H at a time, so cos/sin cost is amortised over all heads while each
 # step moves BLOCK_T * BLOCK_H * d elements (16 * 4 * 128 * 2 B = 16 KiB in bf16 at hd128).
 BLOCK_T, BLOCK_H, NUM_WARPS = 16, 4, 4
-# Cody-Waite split of 2*pi: 6.28125 has 8 significant bits, so k * TWO_PI_HI is exact for |k| < 2^16
-# (|theta| < ~4e5 rad); the reduced angle is then accurate to float32 even for positions in the 100k's,
-# whatever range reduction the device's cos/sin does.
+# Range reduction of theta to [-pi, pi] before cos/sin, so the result does not depend on how the device
+# reduces large arguments: theta - k * 2pi with 2pi = _TWO_PI_HI + _TWO_PI_LO (fp32 head and tail) and
+# fused multiply-adds, each rounding once; the reduced angle is within ~2e-7 rad of the exact one for
+# |theta| up to ~1e6 (positions in the 100k's with inv_freq[0] = 1).
 _INV_TWO_PI = 0.15915494309189535
-_TWO_PI_HI = 6.28125
-_TWO_PI_LO = 0.0019353071795864769
+_TWO_PI_HI = 6.2831854820251465  # float32(2 * pi)
+_TWO_PI_LO = -1.7484556025237907e-07  # 2 * pi - _TWO_PI_HI
 
 
 # ---- reference (the specification) ------------------------------------------------------------------
@@ -78,7 +79,7 @@ def _rope_kernel(
         pos = tl.where(sec[None, :] == c, pos_c[:, None], pos)
     theta = pos * inv_freq[None, :]  # (BLOCK_T, BLOCK_HALF), rounded like torch's fp32 product
     turns = tl.floor(theta * _INV_TWO_PI + 0.5)
-    reduced = (theta - turns * _TWO_PI_HI) - turns * _TWO_PI_LO
+    reduced = tl.fma(-turns, _TWO_PI_LO, tl.fma(-turns, _TWO_PI_HI, theta))
     cos = tl.cos(reduced)[:, None, :]
     sin = (tl.sin(reduced) * SIGN)[:, None, :]
 
