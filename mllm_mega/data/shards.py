@@ -139,10 +139,6 @@ def iter_shard(
         while True:
             try:
                 member = tar.next()
-                if member is not None and member.isfile():
-                    data = tar.extractfile(member).read()
-                    if len(data) != member.size:
-                        raise tarfile.ReadError("unexpected end of data")
             except (tarfile.TarError, OSError, EOFError) as exc:
                 events.append(ShardEvent(path, "truncated_tar", f"{path}: {exc} after byte {end}"))
                 return
@@ -155,12 +151,20 @@ def iter_shard(
                 return
             if not member.isfile():
                 continue
-            end = member.offset_data + -(-member.size // BLOCK) * BLOCK
             member_key, ext = split_key(member.name)
             if key is not None and member_key != key:
+                # a readable header of the next sample: the previous one is complete
                 yield RawSample(key, path, fields, locations), member.offset
                 fields, locations = {}, []
             key = member_key
+            try:
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise tarfile.ReadError("unexpected end of data")
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                events.append(ShardEvent(path, "truncated_tar", f"{path}: {exc} in member {member.name}"))
+                return
+            end = member.offset_data + -(-member.size // BLOCK) * BLOCK
             fields[ext] = data
             locations.append((ext, member.offset_data, member.size))
 

@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Run every sample of a WebDataset shard set through the training data pipeline once and report.
+
+    python tools/check_dataset.py --data DIR [--config FILE] [--tokenizer DIR] [--seq-len N]
+
+Reads, validates, tokenizes, packs, decodes (with the configured decoder), resizes and patchifies every
+sample, exactly as training does (one epoch, data-parallel size 1). Skipped samples are listed on stderr
+with their reason; the last line of stdout is a JSON summary:
+    {"samples_ok": N, "skipped": {"<reason>": n, ...}, "packs": P, "packing_efficiency": e, ...}
+--config is a YAML file of DataConfig keys (top level or under ``data:``); --data overrides its data_path.
+Without --config or --tokenizer, a ``tokenizer`` directory next to or above DIR is used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from tqdm import tqdm
+
+from mllm_mega.data.config import DataConfig
+from mllm_mega.data.loader import build_train_loader
+
+
+def find_tokenizer(data: str) -> str | None:
+    base = data if os.path.isdir(data) else os.path.dirname(data)
+    for candidate in (os.path.join(base, "tokenizer"), os.path.join(os.path.dirname(base.rstrip("/")), "tokenizer")):
+        if os.path.isfile(os.path.join(candidate, "tokenizer_config.json")):
+            return candidate
+    return None
+
+
+def build_config(args) -> DataConfig:
+    values = {}
+    if args.config:
+        values = DataConfig.from_yaml(args.config).to_dict()
+    if args.data:
+        values["data_path"] = args.data
+    if args.tokenizer:
+        values["tokenizer_dir"] = args.tokenizer
+    if not values.get("data_path"):
+        raise SystemExit("check_dataset: give --data or a --config with data_path")
+    if not values.get("tokenizer_dir"):
+        found = find_tokenizer(values["data_path"] if isinstance(values["data_path"], str) else values["data_path"][0])
+        if found is None:
+            raise SystemExit("check_dataset: no tokenizer: give --tokenizer DIR or a --config with tokenizer_dir")
+        values["tokenizer_dir"] = found
+    if args.seq_len:
+        values["seq_len"] = args.seq_len
+    if args.decoder:
+        values["decoder"] = args.decoder
+    values["epochs"] = 1
+    return DataConfig.from_dict(values)
+
+
+def check(cfg: DataConfig, *, show_skips: int = 20, progress: bool = True) -> dict:
+    loader = build_train_loader(cfg, dp_rank=0, dp_size=1)
+    samples_per_pack, images_per_pack = [], []
+    with tqdm(desc="checking", unit="pack", disable=not (progress and sys.stderr.isatty())) as bar:
+        for batch in loader:
+            samples_per_pack.append(batch["num_samples"])
+            images_per_pack.append(batch["num_images"] + batch["num_videos"])
+            bar.update(1)
+            bar.set_postfix(samples=loader.stats["samples"], skipped=sum(loader.skip_counts.values()))
+    for reason, key, message in loader.recent_skips[-show_skips:]:
+        print(f"skipped [{reason}] {key}: {message}", file=sys.stderr)
+    stats = loader.stats
+    packs = stats["packs"]
+    return {
+        "samples_ok": stats["samples"],
+        "skipped": dict(sorted(loader.skip_counts.items())),
+        "skipped_total": sum(loader.skip_counts.values()),
+        "packs": packs,
+        "packing_efficiency": round(stats["real_tokens"] / (packs * cfg.seq_len), 6) if packs else 0.0,
+        "tokens": stats["real_tokens"],
+        "images": stats["images"],
+        "videos": stats["videos"],
+        "samples_per_pack": round(sum(samples_per_pack) / packs, 3) if packs else 0.0,
+        "max_images_per_pack": max(images_per_pack, default=0),
+        "seq_len": cfg.seq_len,
+        "shards": len(loader.shards),
+        "decoder": loader.decoder_name,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="shard directory, glob or file (overrides the config's data_path)")
+    parser.add_argument("--config", help="YAML file of DataConfig keys")
+    parser.add_argument("--tokenizer", help="tokenizer directory (overrides the config's tokenizer_dir)")
+    parser.add_argument("--seq-len", type=int, help="override seq_len")
+    parser.add_argument("--decoder", choices=("auto", "dali", "pil"), help="override the decoder")
+    parser.add_argument("--show-skips", type=int, default=20, help="skipped samples to list on stderr")
+    args = parser.parse_args(argv)
+    summary = check(build_config(args), show_skips=args.show_skips)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
