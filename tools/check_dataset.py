@@ -14,44 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from tqdm import tqdm
 
-from mllm_mega.data.config import DataConfig
+from mllm_mega.data.config import DataConfig, tool_config
 from mllm_mega.data.loader import build_train_loader
-
-
-def find_tokenizer(data: str) -> str | None:
-    base = data if os.path.isdir(data) else os.path.dirname(data)
-    for candidate in (os.path.join(base, "tokenizer"), os.path.join(os.path.dirname(base.rstrip("/")), "tokenizer")):
-        if os.path.isfile(os.path.join(candidate, "tokenizer_config.json")):
-            return candidate
-    return None
-
-
-def build_config(args) -> DataConfig:
-    values = {}
-    if args.config:
-        values = DataConfig.from_yaml(args.config).to_dict()
-    if args.data:
-        values["data_path"] = args.data
-    if args.tokenizer:
-        values["tokenizer_dir"] = args.tokenizer
-    if not values.get("data_path"):
-        raise SystemExit("check_dataset: give --data or a --config with data_path")
-    if not values.get("tokenizer_dir"):
-        found = find_tokenizer(values["data_path"] if isinstance(values["data_path"], str) else values["data_path"][0])
-        if found is None:
-            raise SystemExit("check_dataset: no tokenizer: give --tokenizer DIR or a --config with tokenizer_dir")
-        values["tokenizer_dir"] = found
-    if args.seq_len:
-        values["seq_len"] = args.seq_len
-    if args.decoder:
-        values["decoder"] = args.decoder
-    values["epochs"] = 1
-    return DataConfig.from_dict(values)
 
 
 def check(cfg: DataConfig, *, show_skips: int = 20, progress: bool = True) -> dict:
@@ -93,7 +61,12 @@ def main(argv=None):
     parser.add_argument("--decoder", choices=("auto", "dali", "pil"), help="override the decoder")
     parser.add_argument("--show-skips", type=int, default=20, help="skipped samples to list on stderr")
     args = parser.parse_args(argv)
-    summary = check(build_config(args), show_skips=args.show_skips)
+    try:
+        cfg = tool_config(args.data, args.config, args.tokenizer, seq_len=args.seq_len, decoder=args.decoder,
+                          epochs=1)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+    summary = check(cfg, show_skips=args.show_skips)
     print(json.dumps(summary))
 
 

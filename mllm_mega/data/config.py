@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import difflib
 from dataclasses import dataclass
 
@@ -139,3 +140,32 @@ def _positive(cfg, *names):
 def _choice(cfg, name, choices):
     if getattr(cfg, name) not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {getattr(cfg, name)!r}")
+
+
+def find_tokenizer(data_path: str) -> str | None:
+    """A ``tokenizer`` directory inside, next to or above a shard directory (the synthetic dataset's layout)."""
+    base = data_path if os.path.isdir(data_path) else os.path.dirname(data_path)
+    for candidate in (os.path.join(base, "tokenizer"), os.path.join(os.path.dirname(base.rstrip("/")), "tokenizer")):
+        if os.path.isfile(os.path.join(candidate, "tokenizer_config.json")):
+            return candidate
+    return None
+
+
+def tool_config(data: str | None = None, config: str | None = None, tokenizer: str | None = None,
+                **overrides) -> DataConfig:
+    """DataConfig for the command-line tools: a YAML file, then --data / --tokenizer, then other overrides."""
+    values = DataConfig.from_yaml(config).to_dict() if config else {}
+    if data:
+        values["data_path"] = data
+    if tokenizer:
+        values["tokenizer_dir"] = tokenizer
+    if not values.get("data_path"):
+        raise ValueError("no data: give --data or a --config with data_path")
+    if not values.get("tokenizer_dir"):
+        first = values["data_path"] if isinstance(values["data_path"], str) else values["data_path"][0]
+        found = find_tokenizer(first)
+        if found is None:
+            raise ValueError("no tokenizer: give --tokenizer DIR or a --config with tokenizer_dir")
+        values["tokenizer_dir"] = found
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return DataConfig.from_dict(values)
