@@ -208,23 +208,37 @@ class PackedLoader:
     def _map(self, fn, *iterables):
         return list(self._pool.map(fn, *iterables)) if self._pool else list(map(fn, *iterables))
 
-    def _decode(self, encoded, qualities, sizes):
+    def _decode(self, encoded, qualities, sizes, force_pil):
+        """Decoded (and augmented) uint8 images, already resized when the resize backend is DALI; the
+        exception instead for an image that cannot be decoded. ``force_pil[i]``: decode image i with PIL
+        (transparency, which DALI drops and the HF processor composites onto white)."""
         decoder = self._get_decoder()
-        if decoder is not None:
-            return decoder.decode(encoded, qualities, sizes)
+        out: list = [None] * len(encoded)
+        on_dali = [i for i in range(len(encoded)) if decoder is not None and not force_pil[i]]
+        if on_dali:
+            results = decoder.decode([encoded[i] for i in on_dali], [qualities[i] for i in on_dali],
+                                     [sizes[i] for i in on_dali])
+            for i, result in zip(on_dali, results):
+                out[i] = result
+        resize_here = self.resize_backend == "dali"
 
-        def one(data, quality):
+        def one(i):
             try:
-                image = decode_image_pil(data)
-                return jpeg_recompress_pil(image, quality) if quality is not None else image
+                image = decode_image_pil(encoded[i])
+                if qualities[i] is not None:
+                    image = jpeg_recompress_pil(image, qualities[i])
+                return resize_pil(image, *sizes[i]) if resize_here else image
             except Exception as exc:  # PIL raises many exception types on corrupt data
                 return exc
 
-        return self._map(one, encoded, qualities)
+        on_pil = [i for i in range(len(encoded)) if out[i] is None]
+        for i, result in zip(on_pil, self._map(one, on_pil)):
+            out[i] = result
+        return out
 
     def _materialize(self, pack: list[SampleSpec]) -> dict | None:
         cfg = self.cfg
-        encoded, qualities, targets, owners = [], [], [], []
+        encoded, qualities, targets, owners, force_pil = [], [], [], [], []
         for si, spec in enumerate(pack):
             for mi, medium in enumerate(spec.media):
                 quality = jpeg_quality_for(cfg.seed, spec.epoch, spec.key, mi, cfg.jpeg_prob, cfg.jpeg_quality)
@@ -233,7 +247,8 @@ class PackedLoader:
                     qualities.append(quality)
                     targets.append(medium.resized)
                     owners.append((si, mi))
-        decoded = self._decode(encoded, qualities, targets) if encoded else []
+                    force_pil.append(medium.alpha)
+        decoded = self._decode(encoded, qualities, targets, force_pil) if encoded else []
         resized_by_decoder = self.resize_backend == "dali"
         frames: dict[tuple[int, int], list] = {}
         bad: dict[int, str] = {}

@@ -20,7 +20,7 @@ import numpy as np
 from mllm_mega.data.config import DataConfig
 from mllm_mega.data.shards import RawSample
 from mllm_mega.data.text import IMAGE, VIDEO, TextProcessor, conversation_messages, insert_vision_blocks
-from mllm_mega.data.vision import TEMPORAL_PATCH_SIZE, BadSample, num_vision_tokens, probe_image, \
+from mllm_mega.data.vision import TEMPORAL_PATCH_SIZE, BadSample, inspect_image, num_vision_tokens, \
     sample_frame_indices, smart_resize
 
 SKIP_REASONS = {
@@ -56,6 +56,7 @@ class Medium:
     resized: tuple[int, int]  # smart_resize target (height, width)
     grid: tuple[int, int, int]  # (t, h, w) in 14-px patches
     second_per_grid: float = 0.0  # seconds spanned by one temporal patch (videos)
+    alpha: bool = False  # has transparency: decoded with PIL (composited onto white, as HF does)
 
     @property
     def num_tokens(self) -> int:
@@ -99,19 +100,22 @@ def _image_fields(fields: dict[str, bytes]):
 
 
 def _image_medium(data: bytes, cfg: DataConfig) -> Medium:
-    height, width = probe_image(data, min_side=cfg.min_image_side)
-    resized = smart_resize(height, width, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-    return Medium(IMAGE, [data], (height, width), resized, (1, resized[0] // 14, resized[1] // 14))
+    info = inspect_image(data, min_side=cfg.min_image_side)
+    resized = smart_resize(info.height, info.width, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    return Medium(IMAGE, [data], (info.height, info.width), resized, (1, resized[0] // 14, resized[1] // 14),
+                  alpha=info.has_alpha)
 
 
 def _video_medium(frames: list[bytes], fps: float, cfg: DataConfig) -> Medium:
     keep = sample_frame_indices(len(frames), cfg.max_video_frames)
-    sizes = set()
+    sizes, alpha = set(), False
     for i in keep:
         try:
-            sizes.add(probe_image(frames[i], min_side=cfg.min_image_side))
+            info = inspect_image(frames[i], min_side=cfg.min_image_side)
         except BadSample as exc:
             raise BadSample(exc.reason, f"video frame {i}: {exc}") from None
+        sizes.add((info.height, info.width))
+        alpha |= info.has_alpha
     if len(sizes) != 1:
         raise BadSample("video_error", f"video frames have different sizes {sorted(sizes)}")
     (height, width), = sizes
@@ -120,7 +124,7 @@ def _video_medium(frames: list[bytes], fps: float, cfg: DataConfig) -> Medium:
     # kept frames are spaced len(frames)/len(keep) source frames apart
     sampled_fps = fps * len(keep) / len(frames)
     return Medium(VIDEO, [frames[i] for i in keep], (height, width), resized,
-                  (grid_t, resized[0] // 14, resized[1] // 14), TEMPORAL_PATCH_SIZE / sampled_fps)
+                  (grid_t, resized[0] // 14, resized[1] // 14), TEMPORAL_PATCH_SIZE / sampled_fps, alpha)
 
 
 def _fps_list(meta: dict, num_videos: int, default: float) -> list[float]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -95,8 +96,18 @@ def _webp_complete(data: bytes) -> bool:
     return len(data) >= 12 and int.from_bytes(data[4:8], "little") + 8 <= len(data)
 
 
-def probe_image(data: bytes, *, min_side: int = 1) -> tuple[int, int]:
-    """(height, width) of an encoded image as it will be decoded (EXIF rotation applied), from its header.
+@dataclass(frozen=True)
+class ImageInfo:
+    """What an image header says: decoded size (EXIF rotation applied), format, transparency."""
+
+    height: int
+    width: int
+    format: str
+    has_alpha: bool
+
+
+def inspect_image(data: bytes, *, min_side: int = 1) -> ImageInfo:
+    """Read and check an encoded image's header without decoding the pixels.
 
     Raises :class:`BadSample` with reason ``image_unreadable`` (not an image, or an unsupported format),
     ``image_truncated`` (missing end marker), ``image_too_small`` (a side under ``min_side``) or
@@ -108,6 +119,7 @@ def probe_image(data: bytes, *, min_side: int = 1) -> tuple[int, int]:
             with Image.open(io.BytesIO(data)) as img:
                 fmt, (width, height) = img.format, img.size
                 orientation = img.getexif().get(EXIF_ORIENTATION, 1) if fmt == "JPEG" else 1
+                has_alpha = _has_alpha(img)
     except Exception as exc:  # PIL raises many types for garbage (UnidentifiedImageError, SyntaxError, ...)
         raise BadSample("image_unreadable", f"cannot read image header: {exc}") from None
     if fmt not in IMAGE_FORMATS:
@@ -121,14 +133,33 @@ def probe_image(data: bytes, *, min_side: int = 1) -> tuple[int, int]:
         raise BadSample("image_too_small", f"{width}x{height} image has a side under {min_side} px")
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
         raise BadSample("image_aspect_ratio", f"{width}x{height} image is more elongated than {MAX_ASPECT_RATIO}:1")
-    return height, width
+    return ImageInfo(height, width, fmt, has_alpha)
+
+
+def probe_image(data: bytes, *, min_side: int = 1) -> tuple[int, int]:
+    """(height, width) of an encoded image as it will be decoded, from its header (see inspect_image)."""
+    info = inspect_image(data, min_side=min_side)
+    return info.height, info.width
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    # transformers' convert_to_rgb rule: an alpha band, or a palette/grey image with a transparent colour
+    return "A" in img.getbands() or img.info.get("transparency") is not None
 
 
 def decode_image_pil(data: bytes) -> np.ndarray:
-    """Decode to (H, W, 3) uint8 RGB with EXIF rotation applied (what DALI's decoder returns)."""
+    """Decode to (H, W, 3) uint8 RGB, EXIF rotation applied, transparency composited onto white.
+
+    This is what the HF processor makes of the image (its convert_to_rgb composites onto white); DALI
+    decodes opaque images identically, images with transparency are always decoded here.
+    """
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         img = ImageOps.exif_transpose(img)
+        if _has_alpha(img):
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
         return np.asarray(img.convert("RGB"))
 
 

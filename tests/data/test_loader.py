@@ -121,3 +121,22 @@ def test_config_validation():
         DataConfig.from_dict({"seq_length": 10})
     with pytest.raises(ValueError, match="min_pixels"):
         DataConfig(min_pixels=10_000, max_pixels=100)
+
+
+def test_transparent_images_match_hf_through_the_loader(dataset, tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from mllm_mega.data.shards import write_shard
+
+    rgba = np.random.default_rng(0).integers(0, 256, (50, 70, 4), dtype=np.uint8)
+    rgba[:25, :, 3] = 0
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
+    write_shard(str(tmp_path / "a.tar"), [("rgba", {"png": buf.getvalue(), "txt": b"one red circle"})])
+    cfg = _cfg(dataset, data_path=str(tmp_path), epochs=1, jpeg_prob=0.0)  # default decoder: DALI when installed
+    batch = next(iter(build_train_loader(cfg, dp_rank=0, dp_size=1)))
+    ref = hf_pil.Qwen2VLImageProcessorPil()(images=[Image.open(io.BytesIO(buf.getvalue()))], return_tensors="pt")
+    torch.testing.assert_close(batch["pixel_values"], ref["pixel_values"], rtol=0, atol=0)

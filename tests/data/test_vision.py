@@ -116,7 +116,7 @@ def test_frame_sampling_matches_hf_rule():
 
 def _png(img):
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
+    (img if isinstance(img, Image.Image) else Image.fromarray(img)).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -166,3 +166,20 @@ def test_jpeg_quality_is_a_function_of_seed_and_key():
     assert qs != [V.jpeg_quality_for(1, 0, f"k{i}", 0, 0.5, (75, 100)) for i in range(4000)]
     assert all(V.jpeg_quality_for(0, 0, f"k{i}", 0, 0.0, (75, 100)) is None for i in range(100))
     assert all(V.jpeg_quality_for(0, 0, f"k{i}", 0, 1.0, (80, 80)) == 80 for i in range(100))
+
+
+def test_transparency_is_composited_like_hf():
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, (45, 70, 4), dtype=np.uint8)
+    rgba[:20, :, 3] = 0  # fully transparent rows: HF shows them white, a plain RGB conversion would not
+    palette = Image.fromarray(rgba[..., :3]).convert("P", palette=Image.ADAPTIVE, colors=16)
+    palette.info["transparency"] = 0
+    proc = hf_pil.Qwen2VLImageProcessorPil()
+    for img in (Image.fromarray(rgba, "RGBA"), palette, Image.fromarray(rgba[..., :2], "LA")):
+        enc = _png(img) if img.mode != "RGBA" else _png(rgba)
+        assert V.inspect_image(enc).has_alpha
+        ref = proc(images=[Image.open(io.BytesIO(enc))], return_tensors="np")
+        ours = V.decode_image_pil(enc)
+        patches, _ = V.image_to_patches(V.resize_pil(ours, *V.smart_resize(*ours.shape[:2])))
+        np.testing.assert_array_equal(patches, ref["pixel_values"])
+    assert not V.inspect_image(_jpeg(_photo(30, 30, 0))).has_alpha

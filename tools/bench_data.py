@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Images/s of decode + JPEG augmentation + NaViT resize + normalize/patchify, per backend.
+
+    python tools/bench_data.py [--num-images 256] [--size 500 375] [--threads 2] [--jpeg-prob 0.5]
+
+Backends (the pipeline of mllm_mega/data/loader.py, without tokenization/packing):
+  pil             PIL decode, PIL JPEG re-encode/decode, PIL bicubic resize, numpy normalize+patchify
+  dali-cpu        DALI CPU decode + fn.jpeg_compression_distortion, PIL resize, numpy (the CPU default)
+  dali-cpu-resize DALI CPU decode + distortion + DALI cubic resize, numpy
+  dali-gpu        DALI mixed decode (nvJPEG) + distortion + resize on the GPU, numpy (only with CUDA)
+Input: ImageNet-size synthetic photos (smooth gradients, texture, shapes) as quality-90 baseline JPEGs,
+generated in memory. Prints one line per backend and a JSON summary as the last line.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from mllm_mega.data import vision as V
+from mllm_mega.data.dali_decode import HAVE_DALI, DaliDecoder, cuda_available
+
+
+def make_jpegs(n, width, height, seed=0):
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    out = []
+    for i in range(n):
+        base = np.stack([(x * (1 + i % 3)) % 256, (y * 2 + i) % 256, ((x + y) // 2 + 40 * i) % 256], -1)
+        img = Image.fromarray(np.clip(base + rng.integers(-20, 21, base.shape), 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(6):
+            x0, y0 = rng.integers(0, width - 40), rng.integers(0, height - 40)
+            draw.ellipse([x0, y0, x0 + rng.integers(20, 120), y0 + rng.integers(20, 120)],
+                         fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def bench_pil(jpegs, qualities, targets, threads):
+    def one(args):
+        data, q, (h, w) = args
+        img = V.decode_image_pil(data)
+        if q is not None:
+            img = V.jpeg_recompress_pil(img, q)
+        return V.image_to_patches(V.resize_pil(img, h, w))[0]
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(one, zip(jpegs, qualities, targets)))
+
+
+def bench_dali(decoder, jpegs, qualities, targets, threads, resized):
+    images = decoder.decode(jpegs, qualities, targets)
+
+    def finish(args):
+        img, (h, w) = args
+        return V.image_to_patches(img if resized else V.resize_pil(img, h, w))[0]
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(finish, zip(images, targets)))
+
+
+def timed(fn, repeats):
+    fn()  # warm-up (DALI pipeline build, thread start)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-images", type=int, default=256)
+    parser.add_argument("--size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"))
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--batch", type=int, default=64, help="DALI batch size")
+    parser.add_argument("--jpeg-prob", type=float, default=0.5)
+    parser.add_argument("--max-pixels", type=int, default=28 * 28 * 1280)
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes; the best is reported")
+    parser.add_argument("--backends", nargs="*", default=None)
+    args = parser.parse_args(argv)
+
+    jpegs = make_jpegs(args.num_images, *args.size)
+    qualities = [V.jpeg_quality_for(0, 0, f"img{i}", 0, args.jpeg_prob, (75, 100)) for i in range(len(jpegs))]
+    targets = [V.smart_resize(*V.probe_image(j), max_pixels=args.max_pixels) for j in jpegs]
+    runs = {"pil": lambda: bench_pil(jpegs, qualities, targets, args.threads)}
+    if HAVE_DALI:
+        dec = DaliDecoder("cpu", num_threads=args.threads, max_batch=args.batch)
+        dec_r = DaliDecoder("cpu", num_threads=args.threads, max_batch=args.batch, resize=True)
+        runs["dali-cpu"] = lambda: bench_dali(dec, jpegs, qualities, targets, args.threads, False)
+        runs["dali-cpu-resize"] = lambda: bench_dali(dec_r, jpegs, qualities, targets, args.threads, True)
+        if cuda_available():
+            dec_g = DaliDecoder("gpu", num_threads=args.threads, max_batch=args.batch, resize=True)
+            runs["dali-gpu"] = lambda: bench_dali(dec_g, jpegs, qualities, targets, args.threads, True)
+    if args.backends:
+        runs = {k: v for k, v in runs.items() if k in args.backends}
+
+    results = {}
+    for name, fn in runs.items():
+        seconds = timed(fn, args.repeats)
+        results[name] = round(len(jpegs) / seconds, 1)
+        print(f"{name:16s} {results[name]:9.1f} images/s  ({len(jpegs)} images in {seconds:.3f} s)")
+    summary = {"images_per_s": results, "num_images": len(jpegs), "size": list(args.size),
+               "mean_jpeg_bytes": int(np.mean([len(j) for j in jpegs])), "threads": args.threads,
+               "jpeg_prob": args.jpeg_prob, "max_pixels": args.max_pixels, "cpu_count": os.cpu_count(),
+               "machine": platform.processor() or platform.machine(), "cuda": cuda_available()}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
