@@ -27,9 +27,9 @@ BLOCK_T, BLOCK_H, NUM_WARPS = 16, 4, 4
 # reduces large arguments: theta - k * 2pi with 2pi = _TWO_PI_HI + _TWO_PI_LO (fp32 head and tail) and
 # fused multiply-adds, each rounding once; the reduced angle is within ~2e-7 rad of the exact one for
 # |theta| up to ~1e6 (positions in the 100k's with inv_freq[0] = 1).
-_INV_TWO_PI = 0.15915494309189535
-_TWO_PI_HI = 6.2831854820251465  # float32(2 * pi)
-_TWO_PI_LO = -1.7484556025237907e-07  # 2 * pi - _TWO_PI_HI
+_INV_TWO_PI = tl.constexpr(0.15915494309189535)
+_TWO_PI_HI = tl.constexpr(6.2831854820251465)  # float32(2 * pi)
+_TWO_PI_LO = tl.constexpr(-1.7484556025237907e-07)  # 2 * pi - _TWO_PI_HI
 
 
 # ---- reference (the specification) ------------------------------------------------------------------

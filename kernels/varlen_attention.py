@@ -347,7 +347,7 @@ def _attn_bwd_dkdv_kernel(
         lo = (lo // BLOCK_M) * BLOCK_M
         full_start = tl.maximum(nblk * BLOCK_N + BLOCK_N - 1 - off, 0)
         full_start = ((full_start + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-        masked_end = tl.minimum(full_start, ((len_q + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
+        masked_end = tl.minimum(full_start, ((len_q + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)  # >= lo
     else:
         lo = 0
         masked_end = 0
@@ -369,7 +369,7 @@ def _attn_bwd_dkdv_kernel(
             dmask_a, dmask_b, qk_scale, True, HAS_B, DA_MASK, DB_MASK, BLOCK_M, DOT_PREC)
         dk_a, dk_b, dv_a, dv_b = _bwd_dkdv_inner(
             dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, q_ptrs_a, q_ptrs_b, do_ptrs_a, do_ptrs_b,
-            lse_ptrs, delta_ptrs, stride_qt, stride_dot, tl.maximum(masked_end, lo), len_q, len_q,
+            lse_ptrs, delta_ptrs, stride_qt, stride_dot, masked_end, len_q, len_q,
             cols_shifted, offs_m, dmask_a, dmask_b, qk_scale, False, HAS_B, DA_MASK, DB_MASK, BLOCK_M,
             DOT_PREC)
 
