@@ -27,13 +27,14 @@ def initialize_distributed(tensor_model_parallel_size: int = 1, pipeline_model_p
     cuda = torch.cuda.is_available()
     cpu_compat.apply()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `python ...`: a world of one
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        backend = "nccl" if cuda else "gloo"
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        if "RANK" in os.environ:  # torchrun / SLURM-launched
+            dist.init_process_group(backend=backend)
+        else:  # plain `python ...`: a world of one (the environment is left untouched for child processes)
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1)
     world = dist.get_world_size()
     if world % (tensor_model_parallel_size * pipeline_model_parallel_size):
         raise ValueError(
