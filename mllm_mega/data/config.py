@@ -36,6 +36,8 @@ class DataConfig:
     """Frames kept per video (uniformly spaced, rounded down to an even count)."""
     video_fps: float = 2.0
     """Frame rate of frame-sequence videos whose sample json gives no "fps"."""
+    video_sample_fps: float = 2.0
+    """Frames per second sampled from video files (mp4, ...), as qwen-vl-utils does for Qwen2.5-VL."""
     min_image_side: int = 10
     """Images with a side shorter than this (e.g. 1x1 tracking pixels) are skipped as image_too_small."""
     jpeg_prob: float = 0.5
@@ -82,8 +84,9 @@ class DataConfig:
         if self.video_min_pixels > self.video_max_pixels:
             raise ValueError(f"video_min_pixels ({self.video_min_pixels}) exceeds video_max_pixels "
                              f"({self.video_max_pixels})")
-        if not self.video_fps > 0:
-            raise ValueError(f"video_fps must be > 0, got {self.video_fps}")
+        for name in ("video_fps", "video_sample_fps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.jpeg_prob <= 1.0:
             raise ValueError(f"jpeg_prob must be in [0, 1], got {self.jpeg_prob}")
         q = self.jpeg_quality

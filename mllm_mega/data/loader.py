@@ -50,6 +50,7 @@ from mllm_mega.data.samples import SampleSpec, parse_sample
 from mllm_mega.data.shards import (RawSample, iter_shard, list_shards, rank_assignment, read_sample_at,
                                    shard_order, stable_hash)
 from mllm_mega.data.text import IMAGE, TextProcessor
+from mllm_mega.data.video import decode_frames
 from mllm_mega.data.vision import (BadSample, decode_image_pil, image_to_patches, jpeg_quality_for,
                                    jpeg_recompress_pil, resize_pil, video_to_patches)
 from mllm_mega.models.qwen2_vl.rope_index import sample_position_ids
@@ -237,21 +238,23 @@ class PackedLoader:
         return out
 
     def _materialize(self, pack: list[SampleSpec]) -> dict | None:
+        """Decode, augment, resize and patchify a pack's media, drop samples whose media fail, collate."""
         cfg = self.cfg
+        quality = {(si, mi): jpeg_quality_for(cfg.seed, spec.epoch, spec.key, mi, cfg.jpeg_prob, cfg.jpeg_quality)
+                   for si, spec in enumerate(pack) for mi in range(spec.num_media)}
         encoded, qualities, targets, owners, force_pil = [], [], [], [], []
         for si, spec in enumerate(pack):
             for mi, medium in enumerate(spec.media):
-                quality = jpeg_quality_for(cfg.seed, spec.epoch, spec.key, mi, cfg.jpeg_prob, cfg.jpeg_quality)
-                for frame in medium.frames:
+                for frame in medium.frames:  # images and frame-sequence videos; video files come below
                     encoded.append(frame)
-                    qualities.append(quality)
+                    qualities.append(quality[(si, mi)])
                     targets.append(medium.resized)
                     owners.append((si, mi))
                     force_pil.append(medium.alpha)
         decoded = self._decode(encoded, qualities, targets, force_pil) if encoded else []
         resized_by_decoder = self.resize_backend == "dali"
         frames: dict[tuple[int, int], list] = {}
-        bad: dict[int, str] = {}
+        bad: dict[int, tuple[str, str]] = {}
         for (si, mi), image in zip(owners, decoded):
             medium = pack[si].media[mi]
             expect = medium.resized if resized_by_decoder else medium.size
@@ -261,22 +264,34 @@ class PackedLoader:
                 bad.setdefault(si, ("image_decode_error" if medium.kind == IMAGE else "video_error", what))
                 continue
             frames.setdefault((si, mi), []).append(image)
-        for si, (reason, message) in sorted(bad.items()):
-            self._skip(reason, pack[si].key, f"{pack[si].key}: {message}")
 
         def patches_of(si_mi):
             medium = pack[si_mi[0]].media[si_mi[1]]
             h, w = medium.resized
-            imgs = [im if resized_by_decoder else resize_pil(im, h, w) for im in frames[si_mi]]
+            if medium.video_file is not None:
+                try:
+                    imgs = list(decode_frames(medium.video_file, medium.frame_indices))
+                except BadSample as exc:
+                    return exc
+                if imgs[0].shape[:2] != medium.size:
+                    return BadSample("video_error", f"decoded frames {imgs[0].shape[:2]}, header said {medium.size}")
+                q = quality[si_mi]
+                imgs = [resize_pil(jpeg_recompress_pil(im, q) if q is not None else im, h, w) for im in imgs]
+            else:
+                imgs = [im if resized_by_decoder else resize_pil(im, h, w) for im in frames[si_mi]]
             if medium.kind == IMAGE:
                 return image_to_patches(imgs[0], self.spatial_merge_size)[0]
             return video_to_patches(np.stack(imgs), self.spatial_merge_size)[0]
 
-        good = [si for si in range(len(pack)) if si not in bad]
-        keys = [(si, mi) for si in good for mi in range(pack[si].num_media)]
+        keys = [(si, mi) for si in range(len(pack)) if si not in bad for mi in range(pack[si].num_media)]
         patches = dict(zip(keys, self._map(patches_of, keys)))
+        for (si, _), result in patches.items():
+            if isinstance(result, BadSample):
+                bad.setdefault(si, (result.reason, str(result)))
+        for si, (reason, message) in sorted(bad.items()):
+            self._skip(reason, pack[si].key, f"{pack[si].key}: {message}")
         samples = [ProcessedSample(pack[si], [patches[(si, mi)] for mi in range(pack[si].num_media)])
-                   for si in good]
+                   for si in range(len(pack)) if si not in bad]
         if not samples:
             return None
         batch = collate_pack(samples, cfg.seq_len, loss_reweighting=cfg.loss_reweighting,

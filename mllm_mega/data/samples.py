@@ -1,7 +1,8 @@
 """From a raw WebDataset sample to a packable sample spec, with every check that does not need decoding.
 
 A sample's fields: images ``jpg``/``png``/``webp`` (several as ``0.jpg``, ``1.jpg``, ... or ``img0.jpg``),
-video frames ``video.000.jpg``, ``video.001.jpg``, ... (several videos as ``video0.000.jpg``, ``video1...``),
+video frames ``video.000.jpg``, ``video.001.jpg``, ... (several videos as ``video0.000.jpg``, ``video1...``)
+or video files ``mp4`` (also webm/mkv/mov/avi; several as ``video0.mp4``, ...; decoded with PyAV),
 and text: ``txt`` (a caption) or ``json`` (a LLaVA-style conversation; a json without one may carry
 metadata such as ``"fps"`` next to a ``txt`` caption). Image sizes come from the file headers, so the
 resized sizes, grids and token ids (placeholders expanded) are all known here, before any decoding: this is
@@ -20,6 +21,7 @@ import numpy as np
 from mllm_mega.data.config import DataConfig
 from mllm_mega.data.shards import RawSample
 from mllm_mega.data.text import IMAGE, VIDEO, TextProcessor, conversation_messages, insert_vision_blocks
+from mllm_mega.data.video import inspect_video, sample_indices
 from mllm_mega.data.vision import TEMPORAL_PATCH_SIZE, BadSample, inspect_image, num_vision_tokens, \
     sample_frame_indices, smart_resize
 
@@ -32,6 +34,7 @@ SKIP_REASONS = {
     "image_aspect_ratio": "more elongated than 200:1",
     "image_decode_error": "passed the header checks but failed to decode",
     "video_error": "frames of different sizes, or an undecodable video",
+    "video_unsupported": "an encoded video (mp4, ...) without PyAV installed",
     "json_malformed": "json that does not parse or holds no valid conversation",
     "missing_text": "no txt and no json",
     "missing_image": "more <image>/<video> placeholders than images/videos",
@@ -44,6 +47,7 @@ SKIP_REASONS = {
 
 _IMAGE_FIELD = re.compile(r"^(?:(?:img|image)?(\d+)\.)?(jpe?g|png|webp)$")
 _FRAME_FIELD = re.compile(r"^video(\d*)\.(\d+)\.(jpe?g|png|webp)$")
+_VIDEO_FILE_FIELD = re.compile(r"^(?:video(\d*)\.)?(mp4|webm|mkv|mov|avi)$")
 
 
 @dataclass
@@ -51,12 +55,14 @@ class Medium:
     """One image or video of a sample, with everything needed to decode and patchify it."""
 
     kind: int  # IMAGE or VIDEO
-    frames: list[bytes]  # encoded image(s): one for an image, the kept frames for a video
+    frames: list[bytes]  # encoded image(s): one for an image, the kept frames for a video (none for a file)
     size: tuple[int, int]  # decoded (height, width)
     resized: tuple[int, int]  # smart_resize target (height, width)
     grid: tuple[int, int, int]  # (t, h, w) in 14-px patches
     second_per_grid: float = 0.0  # seconds spanned by one temporal patch (videos)
     alpha: bool = False  # has transparency: decoded with PIL (composited onto white, as HF does)
+    video_file: bytes | None = None  # an encoded video (mp4, ...), decoded with PyAV
+    frame_indices: tuple[int, ...] = ()  # the frames of video_file to keep
 
     @property
     def num_tokens(self) -> int:
@@ -94,8 +100,16 @@ def _image_fields(fields: dict[str, bytes]):
         m = _FRAME_FIELD.match(name)
         if m:
             videos.setdefault(int(m.group(1) or 0), []).append((int(m.group(2)), data))
+            continue
+        m = _VIDEO_FILE_FIELD.match(name)
+        if m:
+            index = int(m.group(1) or 0)
+            if index in videos:
+                raise BadSample("video_error", f"video {index} is given twice (frames and/or files)")
+            videos[index] = data
     images = [data for _, _, data in sorted(images)]
-    videos = [[data for _, data in sorted(frames)] for _, frames in sorted(videos.items())]
+    # a video is its sorted list of encoded frames, or the bytes of a video file
+    videos = [v if isinstance(v, bytes) else [data for _, data in sorted(v)] for _, v in sorted(videos.items())]
     return images, videos
 
 
@@ -125,6 +139,23 @@ def _video_medium(frames: list[bytes], fps: float, cfg: DataConfig) -> Medium:
     sampled_fps = fps * len(keep) / len(frames)
     return Medium(VIDEO, [frames[i] for i in keep], (height, width), resized,
                   (grid_t, resized[0] // 14, resized[1] // 14), TEMPORAL_PATCH_SIZE / sampled_fps, alpha)
+
+
+def _video_file_medium(data: bytes, cfg: DataConfig) -> Medium:
+    info = inspect_video(data)
+    if min(info.height, info.width) < cfg.min_image_side:
+        raise BadSample("image_too_small", f"{info.width}x{info.height} video has a side under "
+                                           f"{cfg.min_image_side} px")
+    keep = sample_indices(info.num_frames, info.fps, cfg.video_sample_fps, cfg.max_video_frames)
+    try:
+        resized = smart_resize(info.height, info.width, min_pixels=cfg.video_min_pixels,
+                               max_pixels=cfg.video_max_pixels)
+    except ValueError as exc:
+        raise BadSample("image_aspect_ratio", f"video: {exc}") from None
+    sampled_fps = info.fps * len(keep) / info.num_frames
+    return Medium(VIDEO, [], (info.height, info.width), resized,
+                  (-(-len(keep) // TEMPORAL_PATCH_SIZE), resized[0] // 14, resized[1] // 14),
+                  TEMPORAL_PATCH_SIZE / sampled_fps, video_file=data, frame_indices=tuple(int(i) for i in keep))
 
 
 def _fps_list(meta: dict, num_videos: int, default: float) -> list[float]:
@@ -160,7 +191,8 @@ def parse_sample(raw: RawSample, text: TextProcessor, cfg: DataConfig, epoch: in
 
     fps = _fps_list(meta, len(video_frames), cfg.video_fps) if video_frames else []
     images = [_image_medium(d, cfg) for d in image_data]
-    videos = [_video_medium(f, r, cfg) for f, r in zip(video_frames, fps)]
+    videos = [_video_file_medium(v, cfg) if isinstance(v, bytes) else _video_medium(v, r, cfg)
+              for v, r in zip(video_frames, fps)]
     image_iter, video_iter = iter(images), iter(videos)
     media = [next(image_iter) if kind == "image" else next(video_iter) for kind in order]
     if cfg.max_images_per_pack is not None and len(media) > cfg.max_images_per_pack:
