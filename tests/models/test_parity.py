@@ -97,3 +97,14 @@ def test_verify_command(tiny_hf_dirs, imported, family, tp, pp, first):
 def test_verify_fails_over_tolerance(tiny_hf_dirs, imported):
     res, last = _verify(tiny_hf_dirs["qwen2_5_vl"], imported["qwen2_5_vl"], 1, "--atol", "0")
     assert res.returncode == 1 and last.startswith("max_abs_diff=")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_tp2_backward_matches_tp1(imported, family):
+    res = run_cmd(["tests/models/tp_grad_check.py", imported[family]], nproc=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    last = res.stdout.strip().splitlines()[-1]
+    assert "mismatch" not in res.stdout, res.stdout
+    # fp32; TP changes only the reduction order of the matmuls (relative rounding ~1e-6).
+    assert float(last.split("max_rel_grad_diff=")[1]) < 1e-4
