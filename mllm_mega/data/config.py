@@ -69,6 +69,8 @@ class DataConfig:
     """Threads for decoding and resizing."""
     decode_batch_size: int = 64
     """Images per DALI batch."""
+    prefetch: int = 2
+    """Micro-batches prepared ahead by a background thread (0: prepare in the caller's thread)."""
     epochs: int | None = None
     """Passes over the data; None repeats forever (training), 1 for a check or an offline pack."""
 
@@ -92,6 +94,8 @@ class DataConfig:
         q = self.jpeg_quality
         if len(q) != 2 or not all(isinstance(x, int) for x in q) or not 1 <= q[0] <= q[1] <= 100:
             raise ValueError(f"jpeg_quality must be (low, high) ints with 1 <= low <= high <= 100, got {q}")
+        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
+            raise ValueError(f"prefetch must be an int >= 0, got {self.prefetch!r}")
         for name in ("max_images_per_pack", "max_samples_per_pack", "epochs"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

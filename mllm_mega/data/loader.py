@@ -37,8 +37,11 @@ samples.SKIP_REASONS); a truncated or unreadable shard is counted and the rest o
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -58,6 +61,7 @@ from mllm_mega.models.qwen2_vl.rope_index import sample_position_ids
 logger = logging.getLogger(__name__)
 STATE_VERSION = 1
 MAX_RECENT_SKIPS = 32
+_END = object()  # end of data, from the prefetch thread
 
 
 class _Stream:
@@ -128,16 +132,31 @@ class PackedLoader:
         self._ready: list[list[SampleSpec]] = []
         self._round = 0
         self._last_good_epoch = 0
-        self.skip_counts: dict[str, int] = {}
+        self._skip_counts: dict[str, int] = {}
         self.recent_skips: list[tuple[str, str, str]] = []
-        self.stats = {"samples": 0, "packs": 0, "real_tokens": 0, "images": 0, "videos": 0}
+        self._stats = {"samples": 0, "packs": 0, "real_tokens": 0, "images": 0, "videos": 0}
         self.decoder_name, self.decode_device, self.resize_backend = _resolve_backends(cfg)
         self._decoder = None
         self._pool = ThreadPoolExecutor(cfg.num_workers) if cfg.num_workers > 1 else None
+        # prefetching: a producer thread runs ahead; every batch travels with the state right after it
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._consumed_state: dict | None = None
+        self._closed = False
+
+    @property
+    def skip_counts(self) -> dict[str, int]:
+        """Skipped samples by reason, up to the last batch handed out (for the training log)."""
+        return dict(self._consumed_state["skip_counts"]) if self._thread else dict(self._skip_counts)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Samples, packs, real tokens, images and videos handed out so far."""
+        return dict(self._consumed_state["stats"]) if self._thread else dict(self._stats)
 
     # ----------------------------------------------------------------------------------------------- stream
     def _skip(self, reason: str, key: str, message: str):
-        self.skip_counts[reason] = self.skip_counts.get(reason, 0) + 1
+        self._skip_counts[reason] = self._skip_counts.get(reason, 0) + 1
         self.recent_skips = (self.recent_skips + [(reason, key, message)])[-MAX_RECENT_SKIPS:]
         logger.debug("skipped %s: %s", key, message)
         if reason in ("truncated_tar", "unreadable_shard"):
@@ -156,7 +175,7 @@ class PackedLoader:
                 self._skip(exc.reason, raw.key, str(exc))
                 if epoch - self._last_good_epoch >= 2:
                     raise RuntimeError(f"data: no usable sample in a whole epoch on rank {self.dp_rank}; "
-                                       f"skip counts {self.skip_counts}") from None
+                                       f"skip counts {self._skip_counts}") from None
                 continue
             self._last_good_epoch = epoch
             self._buffer.append(spec)
@@ -188,13 +207,53 @@ class PackedLoader:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict:
+    def _produce(self) -> dict:
         while True:
             if not self._ready and not self._pack_round():
                 raise StopIteration
             batch = self._materialize(self._ready.pop(0))
             if batch is not None:
                 return batch
+
+    def __next__(self) -> dict:
+        if self.cfg.prefetch == 0:
+            return self._produce()
+        if self._thread is None:
+            self._start_prefetch()
+        item = self._queue.get()
+        if item is _END:
+            self._queue.put(_END)  # later calls raise StopIteration too
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        batch, self._consumed_state = item
+        return batch
+
+    def _start_prefetch(self):
+        self._consumed_state = self._snapshot()
+        self._queue = queue.Queue(maxsize=self.cfg.prefetch)
+        self._thread = threading.Thread(target=self._producer, name="mllm-data-prefetch", daemon=True)
+        self._thread.start()
+
+    def _producer(self):
+        try:
+            while not self._closed:
+                batch = self._produce()
+                self._queue.put((batch, self._snapshot()))
+        except StopIteration:
+            self._queue.put(_END)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            self._queue.put(exc)
+
+    def close(self):
+        """Stop the prefetch thread (it exits after its current batch)."""
+        self._closed = True
+        if self._thread is not None:
+            while self._thread.is_alive():
+                try:
+                    self._queue.get(timeout=0.1)
+                except queue.Empty:
+                    pass
 
     # ------------------------------------------------------------------------------------------- decoding
     def _get_decoder(self):
@@ -297,7 +356,7 @@ class PackedLoader:
         batch = collate_pack(samples, cfg.seq_len, loss_reweighting=cfg.loss_reweighting,
                              pad_token_id=self.text.pad_token_id, spatial_merge_size=self.spatial_merge_size,
                              tokens_per_second=self.tokens_per_second)
-        st = self.stats
+        st = self._stats
         st["samples"] += batch["num_samples"]
         st["packs"] += 1
         st["real_tokens"] += batch["num_real_tokens"]
@@ -313,16 +372,24 @@ class PackedLoader:
                 "max_pixels": c.max_pixels, "buffer_size": c.buffer_size}
 
     def state_dict(self) -> dict:
-        """Everything needed to continue the stream exactly (JSON-serializable)."""
+        """Everything needed to continue after the last batch handed out, exactly (JSON-serializable)."""
+        if self._thread is not None:
+            return copy.deepcopy(self._consumed_state)
+        return self._snapshot()
+
+    def _snapshot(self) -> dict:
         def keys(specs):
             return [[s.epoch, s.restore_key] for s in specs]
 
         return {"version": STATE_VERSION, "fingerprint": self._fingerprint(), "stream": self._stream.position(),
                 "buffer": keys(self._buffer), "ready": [keys(p) for p in self._ready], "round": self._round,
-                "last_good_epoch": self._last_good_epoch, "skip_counts": dict(self.skip_counts),
-                "stats": dict(self.stats)}
+                "last_good_epoch": self._last_good_epoch, "skip_counts": dict(self._skip_counts),
+                "stats": dict(self._stats)}
 
     def load_state_dict(self, state: dict):
+        """Continue from ``state`` (from :meth:`state_dict`); call before the first ``next``."""
+        if self._thread is not None:
+            raise RuntimeError("load_state_dict must be called before iterating a prefetching loader")
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')!r} != {STATE_VERSION}")
         mine = self._fingerprint()
@@ -345,8 +412,8 @@ class PackedLoader:
         self._ready = [restore(p) for p in state["ready"]]
         self._round = int(state["round"])
         self._last_good_epoch = int(state["last_good_epoch"])
-        self.skip_counts = dict(state["skip_counts"])
-        self.stats = dict(state["stats"])
+        self._skip_counts = dict(state["skip_counts"])
+        self._stats = dict(state["stats"])
 
 
 def _resolve_backends(cfg: DataConfig) -> tuple[str, str, str]:

@@ -38,11 +38,11 @@ def _assert_batches_equal(a, b):
             assert a[key] == b[key], key
 
 
-@pytest.mark.parametrize("decoder", ["dali", "pil"])
-def test_exact_resume(dataset, decoder):
+@pytest.mark.parametrize("decoder,prefetch", [("dali", 2), ("pil", 0)])
+def test_exact_resume(dataset, decoder, prefetch):
     if decoder == "dali" and not HAVE_DALI:
         pytest.skip("nvidia-dali is not installed")
-    cfg = _cfg(dataset, decoder=decoder)
+    cfg = _cfg(dataset, decoder=decoder, prefetch=prefetch)
     k, more = 3, 9  # 12 packs of ~7 samples: past the end of the 64-sample epoch
     loader = build_train_loader(cfg, dp_rank=0, dp_size=1)
     for _ in range(k):
@@ -51,7 +51,8 @@ def test_exact_resume(dataset, decoder):
     assert state["buffer"] or state["ready"], "the test should resume with samples waiting in the buffer"
     expected = [next(loader) for _ in range(more)]
     assert loader.state_dict()["stream"]["epoch"] >= 1
-    resumed = build_train_loader(cfg, dp_rank=0, dp_size=1)
+    # the resumed loader prefetches the other way round: prefetching must not change the stream
+    resumed = build_train_loader(_cfg(dataset, decoder=decoder, prefetch=2 - prefetch), dp_rank=0, dp_size=1)
     resumed.load_state_dict(state)
     for want in expected:
         _assert_batches_equal(next(resumed), want)
