@@ -13,6 +13,8 @@ the scale; the log-sum-exp (log2 units) is kept for the backward. A head dim tha
 split into two power-of-two parts (80 = 64 + 16) rather than padded to the next power of two.
 Backward: FA2's split into a dK/dV kernel (one program per key tile and KV head, looping over the query
 heads of its group, so GQA needs neither expanded K/V nor atomics) and a dQ kernel.
+Segment starts are 64-bit offsets; offsets inside a segment are 32-bit, so one segment may hold up to
+2^31 / (heads * head_dim) tokens (about 600k for 28 x 128).
 """
 from __future__ import annotations
 
