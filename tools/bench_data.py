@@ -10,6 +10,9 @@ Backends (the pipeline of mllm_mega/data/loader.py, without tokenization/packing
   dali-gpu        DALI mixed decode (nvJPEG) + distortion + resize on the GPU, numpy (only with CUDA)
 Input: ImageNet-size synthetic photos (smooth gradients, texture, shapes) as quality-90 baseline JPEGs,
 generated in memory. Prints one line per backend and a JSON summary as the last line.
+
+With --loader N it also times the whole training loader (read, tokenize, pack, decode, patchify, collate)
+over a synthetic shapes dataset of N samples (56-112 px images) written to a temporary directory.
 """
 from __future__ import annotations
 
@@ -69,6 +72,32 @@ def bench_dali(decoder, jpegs, qualities, targets, threads, resized):
         return list(pool.map(finish, zip(images, targets)))
 
 
+def bench_loader(num_samples, seq_len, threads):
+    import tempfile
+
+    from mllm_mega.data.config import DataConfig
+    from mllm_mega.data.loader import build_train_loader
+    from mllm_mega.data.synthetic import make_dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_dataset(tmp, num_samples, seed=0, num_eval=0)
+        results = {}
+        for decoder in ("dali", "pil") if HAVE_DALI else ("pil",):
+            cfg = DataConfig(data_path=os.path.join(tmp, "train"), tokenizer_dir=os.path.join(tmp, "tokenizer"),
+                             seq_len=seq_len, epochs=1, decoder=decoder, num_workers=threads, prefetch=0)
+            start = time.perf_counter()
+            loader = build_train_loader(cfg, dp_rank=0, dp_size=1)
+            packs = sum(1 for _ in loader)
+            seconds = time.perf_counter() - start
+            st = loader.stats
+            results[decoder] = {"samples_per_s": round(st["samples"] / seconds, 1),
+                                "packs_per_s": round(packs / seconds, 2),
+                                "tokens_per_s": round(st["real_tokens"] / seconds),
+                                "packing_efficiency": round(st["real_tokens"] / (packs * seq_len), 4)}
+            print(f"loader/{decoder:10s} {results[decoder]}")
+        return results
+
+
 def timed(fn, repeats):
     fn()  # warm-up (DALI pipeline build, thread start)
     best = float("inf")
@@ -89,6 +118,9 @@ def main(argv=None):
     parser.add_argument("--max-pixels", type=int, default=28 * 28 * 1280)
     parser.add_argument("--repeats", type=int, default=3, help="timed passes; the best is reported")
     parser.add_argument("--backends", nargs="*", default=None)
+    parser.add_argument("--loader", type=int, default=0, metavar="N",
+                        help="also time the full loader over N synthetic samples")
+    parser.add_argument("--seq-len", type=int, default=4096, help="pack length for --loader")
     args = parser.parse_args(argv)
 
     jpegs = make_jpegs(args.num_images, *args.size)
@@ -111,7 +143,8 @@ def main(argv=None):
         seconds = timed(fn, args.repeats)
         results[name] = round(len(jpegs) / seconds, 1)
         print(f"{name:16s} {results[name]:9.1f} images/s  ({len(jpegs)} images in {seconds:.3f} s)")
-    summary = {"images_per_s": results, "num_images": len(jpegs), "size": list(args.size),
+    loader = bench_loader(args.loader, args.seq_len, args.threads) if args.loader else None
+    summary = {"images_per_s": results, "loader": loader, "num_images": len(jpegs), "size": list(args.size),
                "mean_jpeg_bytes": int(np.mean([len(j) for j in jpegs])), "threads": args.threads,
                "jpeg_prob": args.jpeg_prob, "max_pixels": args.max_pixels, "cpu_count": os.cpu_count(),
                "machine": platform.processor() or platform.machine(), "cuda": cuda_available()}
