@@ -63,8 +63,7 @@ class DataConfig:
     decoder: str = "auto"
     """Decoding library: dali, pil, or auto (dali when installed)."""
     resize_backend: str = "auto"
-    """pil (bit-identical to the HF processor), dali (on the decode device, within a few uint8 levels), or
-    auto (dali when decoding on the GPU, else pil)."""
+    """pil (bit-identical to HF), dali (on the decode device, a few uint8 levels off), auto (dali on GPU)."""
     num_workers: int = 2
     """Threads for decoding and resizing."""
     decode_batch_size: int = 64

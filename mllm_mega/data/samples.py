@@ -36,7 +36,7 @@ SKIP_REASONS = {
     "video_error": "frames of different sizes, or an undecodable video",
     "video_unsupported": "an encoded video (mp4, ...) without PyAV installed",
     "json_malformed": "json that does not parse or holds no valid conversation",
-    "missing_text": "no txt and no json",
+    "missing_text": "no txt and no json, or an empty / non-UTF-8 caption",
     "missing_image": "more <image>/<video> placeholders than images/videos",
     "unused_image": "more images/videos than placeholders",
     "placeholder_mismatch": "vision pad tokens in the text itself",
@@ -206,6 +206,8 @@ def parse_sample(raw: RawSample, text: TextProcessor, cfg: DataConfig, epoch: in
             caption = fields["txt"].decode("utf-8").strip()
         except UnicodeDecodeError:
             raise BadSample("missing_text", "txt is not UTF-8") from None
+        if not caption:
+            raise BadSample("missing_text", "empty caption")
         enc = text.encode_caption(order, caption)
     if sum(1 for i in enc.ids if i in (text.image_token_id, text.video_token_id)) != len(media):
         raise BadSample("placeholder_mismatch", "the text itself contains vision pad tokens")
