@@ -1,6 +1,6 @@
 """Tiny Qwen2-VL / Qwen2.5-VL configurations with random weights, for tests and the CPU demo.
 
-The shapes keep what matters for parity: a vision head_dim that is not a power of two (20 = 80/4, like the
+The shapes keep what matters for parity: a vision head_dim that is not a power of two (24, like the
 real models' 80), GQA in the LLM, window attention with full-attention layers (Qwen2.5-VL), untied or tied
 embeddings. Nothing is downloaded.
 """
@@ -43,7 +43,7 @@ def tiny_hf_config_dict(family: str = "qwen2_5_vl", *, tie_word_embeddings: bool
     if family == "qwen2_5_vl":
         vision = {
             "depth": 4,
-            "hidden_size": 40,
+            "hidden_size": 48,
             "intermediate_size": 72,
             "num_heads": 2,
             "out_hidden_size": text["hidden_size"],
@@ -60,7 +60,7 @@ def tiny_hf_config_dict(family: str = "qwen2_5_vl", *, tie_word_embeddings: bool
     elif family == "qwen2_vl":
         vision = {
             "depth": 3,
-            "embed_dim": 40,
+            "embed_dim": 48,
             "hidden_size": text["hidden_size"],
             "mlp_ratio": 2,
             "num_heads": 2,

@@ -1,0 +1,46 @@
+#!/usr/bin/env python
+"""Write a tiny randomly initialised HF Qwen2.5-VL / Qwen2-VL model directory (no download).
+
+  python tools/make_tiny_hf_model.py --family qwen2_5_vl --out DIR [--seed S] [--tie] [--max-shard-size 100KB]
+"""
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen2_vl"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tie", action="store_true", help="tie input and output embeddings")
+    p.add_argument("--max-shard-size", default=None, help="e.g. 100KB to write a sharded checkpoint")
+    args = p.parse_args(argv)
+    if os.path.exists(args.out) and os.listdir(args.out):
+        print(f"error: --out {args.out!r} exists and is not empty", file=sys.stderr)
+        return 2
+    from mllm_mega.models.qwen2_vl.tiny import build_tiny_hf_model
+
+    model = build_tiny_hf_model(args.family, seed=args.seed, tie_word_embeddings=args.tie)
+    parent = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
+    try:
+        kwargs = {"max_shard_size": args.max_shard_size} if args.max_shard_size else {}
+        model.save_pretrained(tmp, **kwargs)
+        if os.path.isdir(args.out):
+            os.rmdir(args.out)
+        os.replace(tmp, args.out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
