@@ -40,6 +40,7 @@ setup(
     ],
     extras_require={
         "gpu": ["triton", "nvidia-dali-cuda130"],
-        "test": ["pytest", "hypothesis", "triton", "nvidia-dali-cuda130", "matplotlib", "tensorboard"],
+        "video": ["av"],
+        "test": ["pytest", "hypothesis", "triton", "nvidia-dali-cuda130", "av", "matplotlib", "tensorboard"],
     },
 )
