@@ -171,8 +171,11 @@ class PackedLoader:
             raw, epoch = item
             try:
                 spec = parse_sample(raw, self.text, self.cfg, epoch)
-            except BadSample as exc:
-                self._skip(exc.reason, raw.key, str(exc))
+            except Exception as exc:  # noqa: BLE001 - one odd sample must not stop training
+                if not isinstance(exc, BadSample):
+                    logger.exception("data: unexpected error in sample %s of %s", raw.key, raw.shard)
+                reason = exc.reason if isinstance(exc, BadSample) else "unexpected_error"
+                self._skip(reason, raw.key, str(exc))
                 if epoch - self._last_good_epoch >= 2:
                     raise RuntimeError(f"data: no usable sample in a whole epoch on rank {self.dp_rank}; "
                                        f"skip counts {self._skip_counts}") from None

@@ -43,6 +43,7 @@ SKIP_REASONS = {
     "too_long": "longer than seq_len (and not truncatable without cutting an image)",
     "too_many_images": "more images than max_images_per_pack",
     "no_labels": "no supervised token",
+    "unexpected_error": "any other exception while reading the sample (logged with its traceback)",
 }
 
 _IMAGE_FIELD = re.compile(r"^(?:(?:img|image)?(\d+)\.)?(jpe?g|png|webp)$")
@@ -200,7 +201,10 @@ def parse_sample(raw: RawSample, text: TextProcessor, cfg: DataConfig, epoch: in
                                            f"{cfg.max_images_per_pack}")
 
     if is_conversation:
-        enc = text.encode_conversation(messages)
+        try:
+            enc = text.encode_conversation(messages)
+        except Exception as exc:  # jinja2 TemplateError (e.g. roles that must alternate), prefix instability
+            raise BadSample("json_malformed", f"the chat template rejects this conversation: {exc}") from None
     else:
         try:
             caption = fields["txt"].decode("utf-8").strip()

@@ -111,3 +111,12 @@ def test_all_bad_data_stops_instead_of_spinning(tok_dir, tmp_path):
     cfg = DataConfig(data_path=str(tmp_path), tokenizer_dir=tok_dir, prefetch=0)
     with pytest.raises(RuntimeError, match="no usable sample"):
         next(build_train_loader(cfg, dp_rank=0, dp_size=1))
+
+
+def test_conversation_the_template_cannot_render(text, tok_dir):
+    # an assistant turn first: the template's default system turn breaks prefix rendering
+    conv = {"conversations": [{"from": "gpt", "value": "two"}, {"from": "human", "value": "ok"},
+                              {"from": "gpt", "value": "three"}]}
+    with pytest.raises(BadSample) as exc:
+        parse_sample(_raw({"json": json.dumps(conv).encode()}), text, _cfg(tok_dir))
+    assert exc.value.reason == "json_malformed"
