@@ -48,6 +48,7 @@ import numpy as np
 
 from mllm_mega.data.collate import ProcessedSample, collate_pack
 from mllm_mega.data.config import DataConfig
+from mllm_mega.data.eval_samples import build_eval_samples  # noqa: F401 (part of this module's API)
 from mllm_mega.data.packing import pack_ffd
 from mllm_mega.data.samples import SampleSpec, parse_sample
 from mllm_mega.data.shards import (RawSample, iter_shard, list_shards, rank_assignment, read_sample_at,
@@ -56,7 +57,6 @@ from mllm_mega.data.text import IMAGE, TextProcessor
 from mllm_mega.data.video import decode_frames
 from mllm_mega.data.vision import (BadSample, decode_image_pil, image_to_patches, jpeg_quality_for,
                                    jpeg_recompress_pil, resize_pil, video_to_patches)
-from mllm_mega.models.qwen2_vl.rope_index import sample_position_ids
 
 logger = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -441,52 +441,3 @@ def build_train_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int, spatial_m
     """The trainer's data entry point: an iterator of packed micro-batches for this data-parallel rank."""
     return PackedLoader(cfg, dp_rank=dp_rank, dp_size=dp_size, spatial_merge_size=spatial_merge_size,
                         tokens_per_second=tokens_per_second)
-
-
-def build_eval_samples(cfg: DataConfig, *, path: str | list[str] | None = None, max_samples: int | None = None,
-                       spatial_merge_size: int = 2) -> list[dict]:
-    """Held-out caption samples for generation: one dict per single-image caption sample.
-
-    Keys: ``key``, ``pixel_values`` (P, 1176) float32, ``image_grid_thw`` (1, 3) int64, ``input_ids`` (L,)
-    int64 (the caption prompt, placeholders expanded), ``position_ids`` (3, L) int64, ``caption`` str.
-    Images are decoded with PIL and not augmented; bad samples are skipped (as in training).
-    """
-    import torch
-
-    path = path if path is not None else cfg.eval_data_path
-    if not path:
-        raise ValueError("build_eval_samples needs a path or DataConfig.eval_data_path")
-    text = TextProcessor(cfg.tokenizer_dir)
-    out = []
-    for shard in list_shards(path):
-        for raw, _ in iter_shard(shard):
-            if max_samples is not None and len(out) >= max_samples:
-                return out
-            try:
-                spec = parse_sample(raw, text, cfg)
-                if "txt" not in raw.fields or [m.kind for m in spec.media] != [IMAGE]:
-                    continue
-                medium = spec.media[0]
-                image = resize_pil(decode_image_pil(medium.frames[0]), *medium.resized)
-            except (BadSample, OSError, ValueError):
-                continue
-            pixel_values, grid = image_to_patches(image, spatial_merge_size)
-            ids, _, types = text.expand(
-                _prompt_encoding(text), [(IMAGE, medium.num_tokens)])
-            out.append({
-                "key": raw.key,
-                "pixel_values": torch.from_numpy(pixel_values),
-                "image_grid_thw": torch.tensor([grid], dtype=torch.int64),
-                "input_ids": torch.from_numpy(ids),
-                "position_ids": sample_position_ids(torch.from_numpy(types), [grid],
-                                                    spatial_merge_size=spatial_merge_size),
-                "caption": raw.fields["txt"].decode("utf-8").strip(),
-            })
-    return out
-
-
-def _prompt_encoding(text: TextProcessor):
-    from mllm_mega.data.text import Encoded
-
-    prompt = text.caption_prompt(["image"])
-    return Encoded(prompt, [False] * len(prompt))
