@@ -11,7 +11,10 @@ megatron-core 0.16 assumes CUDA in a few places that our CPU path (tests, CI, th
    ``.cuda()``. Inside megatron-core's modules (only there: the global ``torch`` functions are left alone, as
    other libraries such as transformers rely on them) the name ``torch`` is rebound to a proxy whose tensor
    factories map a CUDA device to the CPU; ``Tensor.cuda()`` returns the tensor itself.
-4. gloo has no ``reduce_scatter``: megatron's sequence-parallel reduce-scatter is done as an all-reduce plus
+4. The optimizers accept parameters by their legacy type string (``param.type() == "torch.cuda.FloatTensor"``).
+   Called with no argument from a ``megatron.core.optimizer`` module, ``Tensor.type()`` of a CPU tensor
+   answers with the CUDA name of its dtype; everywhere else it is unchanged.
+5. gloo has no ``reduce_scatter``: megatron's sequence-parallel reduce-scatter is done as an all-reduce plus
    a local slice (same result; only used on CPU, where speed does not matter).
 
 Apply once per process with :func:`apply` before building models; it is a no-op when CUDA is available.
@@ -125,6 +128,20 @@ def _patch_reduce_scatter():
     dist.reduce_scatter_tensor = reduce_scatter_tensor
 
 
+def _patch_tensor_type():
+    orig = torch.Tensor.type
+
+    def type_(self, *args, **kwargs):
+        result = orig(self, *args, **kwargs)
+        if (not args and not kwargs and isinstance(result, str) and result.startswith("torch.")
+                and not result.startswith("torch.cuda.")
+                and sys._getframe(1).f_globals.get("__name__", "").startswith("megatron.core.optimizer")):
+            return "torch.cuda." + result[len("torch."):]
+        return result
+
+    torch.Tensor.type = type_
+
+
 def apply() -> None:
     """Neutralise megatron-core's CUDA assumptions when no GPU is present (idempotent)."""
     global _APPLIED
@@ -136,4 +153,5 @@ def apply() -> None:
     _install_torch_proxy()
     _patch_rng_tracker()
     _patch_reduce_scatter()
+    _patch_tensor_type()
     _APPLIED = True

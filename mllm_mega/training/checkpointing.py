@@ -61,7 +61,10 @@ def latest_iteration(root: str) -> int | None:
 
 
 def read_meta(root: str) -> dict:
+    """The model description of a checkpoint ROOT (or of ROOT/iter_XXXXXXX: read from its parent)."""
     path = os.path.join(root, META)
+    if not os.path.isfile(path) and os.path.basename(os.path.normpath(root)).startswith("iter_"):
+        path = os.path.join(os.path.dirname(os.path.normpath(root)), META)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{root!r} is not an mllm_mega checkpoint (no {META}); create one with "
@@ -77,9 +80,25 @@ def write_meta(root: str, meta: dict) -> None:
         atomic_write_text(os.path.join(root, META), json.dumps(meta, indent=2))
 
 
+FAULT_ENV = "MLLM_MEGA_FAULT"  # test aid: "crash_in_save:N" kills the process mid-save of iteration N
+
+
+def _maybe_crash_in_save(iteration: int) -> None:
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault == f"crash_in_save:{iteration}":
+        print(f"[fault injection] {FAULT_ENV}={fault}: killing the process during the save", flush=True)
+        os._exit(17)
+
+
 def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, *, keep_last: int | None = None,
-                    async_strategy=None) -> str:
-    """Collective: save ``sharded_state_dict`` as ROOT/iter_XXXXXXX, then update the tracker."""
+                    write_extra=None, async_queue=None) -> str:
+    """Collective: save ``sharded_state_dict`` as ROOT/iter_XXXXXXX, then update the tracker.
+
+    ``write_extra(tmp_dir)`` runs on every rank after the sharded save (scheduled, when async) and before the rename (per-rank files
+    such as RNG and data-loader states). With ``async_queue`` (megatron's AsyncCallsQueue, GPU) the tensors
+    are written by a background process and the rename + tracker update run when it has finished on every
+    rank (``finalize_async_saves``); until then the previous checkpoint stays the valid one.
+    """
     from megatron.core import dist_checkpointing
 
     final = iter_dir(root, iteration)
@@ -90,17 +109,37 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, *, keep
             shutil.rmtree(tmp)
         os.makedirs(tmp)
     _barrier()
+
+    def finalize():
+        _maybe_crash_in_save(iteration)
+        if _rank() == 0:
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            atomic_write_text(os.path.join(root, TRACKER), str(iteration))
+            if keep_last:
+                _apply_retention(root, iteration, keep_last)
+
+    if async_queue is not None:
+        request = dist_checkpointing.save(sharded_state_dict, tmp, async_sharded_save=True)
+        request.add_finalize_fn(finalize)
+        async_queue.schedule_async_request(request)
+        if write_extra is not None:
+            write_extra(tmp)
+        return final
     dist_checkpointing.save(sharded_state_dict, tmp)
+    if write_extra is not None:
+        write_extra(tmp)
     _barrier()
-    if _rank() == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write_text(os.path.join(root, TRACKER), str(iteration))
-        if keep_last:
-            _apply_retention(root, iteration, keep_last)
+    finalize()
     _barrier()
     return final
+
+
+def finalize_async_saves(async_queue, *, blocking: bool) -> None:
+    """Complete the async saves that every rank has finished (all of them when ``blocking``)."""
+    if async_queue is not None:
+        async_queue.maybe_finalize_async_calls(blocking=blocking, no_dist=False)
 
 
 def _apply_retention(root: str, newest: int, keep_last: int) -> None:
@@ -119,6 +158,8 @@ def load_checkpoint(path: str, sharded_state_dict: dict, *, strict: bool = True)
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint {path!r} not found")
     if os.path.isfile(os.path.join(path, TRACKER)):
         path = iter_dir(path, latest_iteration(path))
     if not os.path.isfile(os.path.join(path, "metadata.json")):

@@ -1,0 +1,150 @@
+"""Build what a run trains: architecture, model stage, DDP wrapper, optimizer and LR schedule.
+
+Order of application (one place, stated once): build this rank's pipeline stage with TP-split layers ->
+load initial weights (HF-imported checkpoint or a previous stage) -> freeze per the stage -> wrap in
+megatron's DistributedDataParallel (contiguous fp32 grad buffers, only trainable parameters) -> megatron's
+optimizer (distributed optimizer: Adam state and fp32 master weights sharded over data-parallel ranks) with
+parameter groups for weight decay (none on 1-d parameters and biases) and per-module LR multipliers.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from mllm_mega.config import TINY_ARCHS, Config
+from mllm_mega.models.qwen2_vl.configuration import ModelArch, ParallelLayout, arch_from_hf_config
+
+MODULES = ("vision", "merger", "llm")
+
+
+def resolve_dtype(cfg: Config) -> torch.dtype:
+    if cfg.model.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, cfg.model.dtype)
+
+
+def arch_config_dict(cfg: Config, text) -> dict:
+    """The HF config.json dict of the model to train; ``text`` is the data's TextProcessor."""
+    arch = cfg.model.arch
+    if cfg.model.init_from:
+        from mllm_mega.training.checkpointing import read_meta
+
+        hf = read_meta(cfg.model.init_from)["hf_config"]
+    elif arch in TINY_ARCHS:
+        from mllm_mega.models.qwen2_vl.tiny import tiny_hf_config_dict
+
+        hf = tiny_hf_config_dict(arch[len("tiny_"):], **cfg.model.tiny_overrides)
+        # size the vocabulary to the tokenizer (rounded up to 64: divisible by any TP) and take its special ids
+        vocab = -(-text.vocab_size // 64) * 64
+        hf["text_config"]["vocab_size"] = vocab
+        hf.update(vision_start_token_id=text.vision_start_id, vision_end_token_id=text.vision_end_id,
+                  image_token_id=text.image_token_id, video_token_id=text.video_token_id)
+        for where in (hf, hf["text_config"]):
+            where.update(bos_token_id=text.end_of_text_id, eos_token_id=text.end_of_text_id)
+    else:
+        path = os.path.join(arch, "config.json") if os.path.isdir(arch) else arch
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"model.arch={arch!r}: expected {TINY_ARCHS} or a HF config.json / model dir")
+        with open(path) as f:
+            hf = json.load(f)
+    return hf
+
+
+def resolve_arch(cfg: Config, text) -> ModelArch:
+    arch = arch_from_hf_config(arch_config_dict(cfg, text))
+    for name, ours, theirs in (("image_token_id", arch.image_token_id, text.image_token_id),
+                               ("video_token_id", arch.video_token_id, text.video_token_id),
+                               ("vision_start_token_id", arch.vision_start_token_id, text.vision_start_id)):
+        if ours != theirs:
+            raise ValueError(f"model {name}={ours} but the tokenizer {cfg.data.tokenizer_dir!r} gives {theirs}")
+    if text.vocab_size > arch.text.vocab_size:
+        raise ValueError(f"tokenizer has {text.vocab_size} tokens but the model's vocab_size is "
+                         f"{arch.text.vocab_size}")
+    return arch
+
+
+def layout_of(cfg: Config) -> ParallelLayout:
+    p = cfg.parallel
+    return ParallelLayout(p.tp, p.pp, sequence_parallel=p.sequence_parallel,
+                          num_llm_layers_in_first_stage=p.num_llm_layers_in_first_stage)
+
+
+def module_of(name: str) -> str:
+    """Which stage module a parameter name belongs to: vision | merger | llm."""
+    if ".merger." in f".{name}":
+        return "merger"
+    if name.startswith("vision.") or ".vision." in name:
+        return "vision"
+    return "llm"
+
+
+def apply_freeze(model, cfg: Config) -> dict[str, int]:
+    """Set requires_grad per the stage; returns trainable parameter counts per module (this rank)."""
+    frozen = {"vision": cfg.stage.freeze_vision, "merger": cfg.stage.freeze_merger, "llm": cfg.stage.freeze_llm}
+    counts = dict.fromkeys(MODULES, 0)
+    for name, p in model.named_parameters():
+        module = module_of(name)
+        p.requires_grad_(not frozen[module])
+        if p.requires_grad:
+            counts[module] += p.numel()
+    return counts
+
+
+def wrap_ddp(model, cfg: Config):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import finalize_model_grads
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        check_for_nan_in_grad=False,  # our NaN guard skips the step instead of raising
+        bucket_size=None if not torch.cuda.is_available() else 40_000_000,
+    )
+    config = model.config
+    # the loss is already divided by the global weight sum: megatron must neither average over
+    # micro-batches nor over data-parallel ranks (calculate_per_token_loss turns both off)
+    config.calculate_per_token_loss = True
+    config.finalize_model_grads_func = finalize_model_grads
+    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    return ddp
+
+
+def build_optimizer(ddp_model, cfg: Config, params_dtype: torch.dtype):
+    """megatron optimizer + OptimizerParamScheduler with WD groups and per-module LR multipliers."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate, ParamWithNamePredicate
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
+
+    o = cfg.optimizer
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
+        bf16=params_dtype == torch.bfloat16, fp16=False, params_dtype=params_dtype,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+    )
+    overrides = {
+        ParamKey(name="*.bias", predicate=ParamPredicate(name="dim1", fn=lambda p: p.dim() == 1)):
+            ParamGroupOverride(wd_mult=0.0),
+    }
+    for module in MODULES:
+        mult = getattr(cfg.stage, f"lr_mult_{module}")
+        if mult != 1.0:
+            pred = ParamWithNamePredicate(name=f"in_{module}", fn=lambda p, n, m=module: module_of(_strip(n)) == m)
+            overrides[ParamKey(with_name_predicate=pred)] = ParamGroupOverride(max_lr=o.lr * mult,
+                                                                               min_lr=o.min_lr * mult)
+    optimizer = get_megatron_optimizer(opt_config, [ddp_model], config_overrides=overrides)
+    decay_steps = o.decay_steps or cfg.train.max_steps
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=max(decay_steps, o.warmup_steps + 1), lr_decay_style=o.decay_style,
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=decay_steps, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
+    )
+    return optimizer, scheduler
+
+
+def _strip(name: str) -> str:
+    return name[len("module."):] if name.startswith("module.") else name

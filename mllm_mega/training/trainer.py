@@ -1,0 +1,318 @@
+"""The training loop: data -> micro-batches -> step -> log -> checkpoint, with resume, signals and a NaN guard.
+
+Checkpoint ``run_dir/checkpoints/iter_XXXXXXX`` holds (megatron dist checkpoint) the model and the
+distributed optimizer's state, both resharded on load at another TP/PP; plus ``extra/``: ``train_state.json``
+(iteration, consumed samples, LR scheduler, counters, layout), ``data_dp{d}.json`` (each data-parallel rank's
+loader state) and ``rng_rank{r}.pt`` (Python/NumPy/torch/CUDA and megatron's tracker RNG states). Resuming
+at the same layout continues bit-identically (the resume test compares losses and grad norms exactly).
+
+SIGTERM / SIGUSR1 (SLURM's warning before the time limit, then ``--requeue``) set a flag; at the next step
+boundary every rank agrees on it, the run saves and exits 0, and the requeued job resumes automatically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mllm_mega.config import Config
+from mllm_mega.training import checkpointing as ckpt
+from mllm_mega.training import setup
+from mllm_mega.training.flops import device_peak_tflops, pack_flops, training_multipliers
+from mllm_mega.training.metrics import MetricsLogger, Timer, peak_memory_gb
+from mllm_mega.training.step import concat_packs, train_step
+
+
+class NaNStop(RuntimeError):
+    """Too many consecutive steps with NaN/Inf loss or gradients."""
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        from megatron.core import parallel_state as ps
+
+        from mllm_mega.data.loader import build_train_loader
+        from mllm_mega.data.text import TextProcessor
+        from mllm_mega.models.qwen2_vl.model import build_model
+
+        self.cfg = cfg
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.dp_group = ps.get_data_parallel_group()
+        self.ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
+        gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
+        if gbs % (mbs * self.dp_size):
+            raise ValueError(f"train.global_batch_size={gbs} must be a multiple of train.micro_batch_size={mbs} "
+                             f"x data-parallel size {self.dp_size}")
+        self.num_microbatches = gbs // (mbs * self.dp_size)
+
+        self.text = TextProcessor(cfg.data.tokenizer_dir)
+        self.arch = setup.resolve_arch(cfg, self.text)
+        self.dtype = setup.resolve_dtype(cfg)
+        self.kernels = cfg.model.kernels
+        self.model = build_model(self.arch, setup.layout_of(cfg), kernels=self.kernels, params_dtype=self.dtype)
+        self.start_iteration = 0
+        resume_from = ckpt.latest_iteration(self.ckpt_dir) if cfg.checkpoint.resume and \
+            os.path.isdir(self.ckpt_dir) else None
+        if resume_from is None and cfg.model.init_from:
+            ckpt.load_model_weights(cfg.model.init_from, self.model)
+            self._print(f"[train] initial weights from {cfg.model.init_from}")
+        counts = setup.apply_freeze(self.model, cfg)
+        self.frozen = {"vision": cfg.stage.freeze_vision, "merger": cfg.stage.freeze_merger,
+                       "llm": cfg.stage.freeze_llm}
+        self.ddp = setup.wrap_ddp(self.model, cfg)
+        self.optimizer, self.scheduler = setup.build_optimizer(self.ddp, cfg, self.dtype)
+        self.loader = build_train_loader(cfg.data, dp_rank=self.dp_rank, dp_size=self.dp_size,
+                                         spatial_merge_size=self.arch.vision.spatial_merge_size,
+                                         tokens_per_second=self.arch.vision.tokens_per_second
+                                         if self.arch.family == "qwen2_5_vl" else None)
+        self.consumed_samples, self.nan_skipped_steps, self.nan_in_a_row = 0, 0, 0
+        self.async_queue = None
+        async_save = cfg.checkpoint.async_save
+        if async_save == "true" or (async_save == "auto" and torch.cuda.is_available()):
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_queue = AsyncCallsQueue()
+        if resume_from is not None:
+            self._load(resume_from)
+        self.multipliers = training_multipliers(self.frozen)
+        self.peak_tflops = device_peak_tflops(cfg.logging.peak_tflops)
+        self._stop_signal = None
+        self.stopped_by_signal = False  # the same on every rank (agreed at a step boundary)
+        total = torch.tensor([float(sum(counts.values()))])
+        dist.all_reduce(total)
+        self._print(f"[train] {self.arch.family} | layout tp={cfg.parallel.tp} pp={cfg.parallel.pp} "
+                    f"dp={self.dp_size} | stage {cfg.stage.name} (frozen: "
+                    f"{[k for k, v in self.frozen.items() if v] or 'none'}) | dtype {str(self.dtype)[6:]} | "
+                    f"kernels {self.kernels} | {self.num_microbatches} micro-batch(es) of {mbs} pack(s) x "
+                    f"{cfg.data.seq_len} tokens per DP rank and step")
+
+    # --- helpers -----------------------------------------------------------------------------------
+    def _print(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    def _is_data_writer(self) -> bool:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+
+    def _sharded_state_dict(self, is_loading: bool, sharding: str | None = None) -> dict:
+        model_sd = self.model.sharded_state_dict(prefix="")
+        meta = {"distrib_optim_sharding_type": sharding or self.cfg.checkpoint.optimizer_sharding}
+        return {"model": model_sd,
+                "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=meta)}
+
+    def _layout(self) -> dict:
+        return {"tp": self.cfg.parallel.tp, "pp": self.cfg.parallel.pp, "dp": self.dp_size, "world": self.world}
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+    def save(self, iteration: int) -> None:
+        ckpt.finalize_async_saves(self.async_queue, blocking=True)
+        if self.rank == 0:
+            ckpt.write_meta(self.ckpt_dir, {"hf_config": self.arch.hf_config, "source_dtype": str(self.dtype)[6:],
+                                            "source": f"training run {os.path.abspath(self.cfg.run_dir)}"})
+            self._copy_tokenizer()
+        train_state = {
+            "iteration": iteration, "consumed_samples": self.consumed_samples,
+            "nan_skipped_steps": self.nan_skipped_steps, "nan_in_a_row": self.nan_in_a_row,
+            "scheduler": self.scheduler.state_dict(), "layout": self._layout(),
+            "optimizer_sharding": self.cfg.checkpoint.optimizer_sharding,
+        }
+        loader_state = self.loader.state_dict() if self._is_data_writer() else None
+
+        def write_extra(tmp: str) -> None:
+            extra = os.path.join(tmp, "extra")
+            os.makedirs(extra, exist_ok=True)
+            torch.save(_rng_state(), os.path.join(extra, f"rng_rank{self.rank}.pt"))
+            if loader_state is not None:
+                with open(os.path.join(extra, f"data_dp{self.dp_rank}.json"), "w") as f:
+                    json.dump(loader_state, f)
+            if self.rank == 0:
+                with open(os.path.join(extra, "train_state.json"), "w") as f:
+                    json.dump(train_state, f, indent=1)
+
+        t = time.perf_counter()
+        ckpt.save_checkpoint(self.ckpt_dir, iteration, self._sharded_state_dict(is_loading=False),
+                             keep_last=self.cfg.checkpoint.keep_last, write_extra=write_extra,
+                             async_queue=self.async_queue)
+        kind = "scheduled async save of" if self.async_queue is not None else "saved"
+        self._print(f"[train] {kind} {ckpt.iter_dir(self.ckpt_dir, iteration)} ({time.perf_counter() - t:.1f}s)")
+
+    def _copy_tokenizer(self) -> None:
+        import shutil
+
+        src, dst = self.cfg.data.tokenizer_dir, os.path.join(self.ckpt_dir, "hf_extra")
+        if os.path.isdir(dst) or not os.path.isdir(src):
+            return
+        tmp = dst + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        os.replace(tmp, dst)
+
+    def _load(self, iteration: int) -> None:
+        path = ckpt.iter_dir(self.ckpt_dir, iteration)
+        extra = os.path.join(path, "extra")
+        with open(os.path.join(extra, "train_state.json")) as f:
+            ts = json.load(f)
+        saved, now = ts["layout"], self._layout()
+        if ts["optimizer_sharding"] == "dp_reshardable" and (saved["tp"], saved["pp"]) != (now["tp"], now["pp"]):
+            raise ValueError(
+                f"{path}: its optimizer state was saved with checkpoint.optimizer_sharding=dp_reshardable at "
+                f"tp={saved['tp']} pp={saved['pp']} and cannot be loaded at tp={now['tp']} pp={now['pp']}; save "
+                "with fully_reshardable, or start a new run with model.init_from (weights reshard at any layout)")
+        state = ckpt.load_checkpoint(path, self._sharded_state_dict(is_loading=True, sharding=ts["optimizer_sharding"]))
+        self.model.load_state_dict(state["model"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(ts["scheduler"])
+        self.start_iteration = ts["iteration"]
+        self.consumed_samples = ts["consumed_samples"]
+        self.nan_skipped_steps, self.nan_in_a_row = ts["nan_skipped_steps"], ts["nan_in_a_row"]
+        same_layout = ts["layout"] == self._layout()
+        data_path = os.path.join(extra, f"data_dp{self.dp_rank}.json")
+        if ts["layout"]["dp"] == self.dp_size and os.path.isfile(data_path):
+            with open(data_path) as f:
+                self.loader.load_state_dict(json.load(f))
+        else:
+            raise ValueError(f"{path}: saved with data-parallel size {ts['layout']['dp']}, now {self.dp_size}; "
+                             "the data-loader state cannot be split differently. Resume with the same DP size, "
+                             "or start a new run with model.init_from pointing at this checkpoint")
+        rng_path = os.path.join(extra, f"rng_rank{self.rank}.pt")
+        if same_layout and os.path.isfile(rng_path):
+            _set_rng_state(torch.load(rng_path, weights_only=False))
+        else:
+            self._print(f"[train] layout changed {ts['layout']} -> {self._layout()}: model and optimizer "
+                        "resharded; RNG states re-seeded")
+        self._print(f"[train] resumed from {path} (iteration {self.start_iteration}, "
+                    f"{self.consumed_samples} samples consumed)")
+
+    # --- signals -------------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def _should_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def _next_microbatches(self) -> tuple[list[dict], float, dict]:
+        mbs = self.cfg.train.micro_batch_size
+        packs = [next(self.loader) for _ in range(self.num_microbatches * mbs)]
+        flops = sum(pack_flops(self.arch, p, self.multipliers) for p in packs)
+        counts = {"real_tokens": sum(int(p["num_real_tokens"]) for p in packs),
+                  "samples": sum(int(p["num_samples"]) for p in packs)}
+        micro = [concat_packs(packs[i:i + mbs]) for i in range(0, len(packs), mbs)]
+        return micro, flops, counts
+
+    def train(self) -> int:
+        cfg = self.cfg
+        self._install_signal_handlers()
+        logger = MetricsLogger(cfg.run_dir, log_interval=cfg.logging.log_interval,
+                               tensorboard=cfg.logging.tensorboard, max_steps=cfg.train.max_steps) \
+            if self.rank == 0 else None
+        iteration, last_saved = self.start_iteration, self.start_iteration
+        try:
+            while iteration < cfg.train.max_steps:
+                if self._should_stop():
+                    self.stopped_by_signal = True
+                    self._print(f"[train] received signal {self._stop_signal or '(on another rank)'}: saving "
+                                f"at iteration {iteration} and exiting")
+                    if iteration != last_saved:
+                        self.save(iteration)
+                    ckpt.finalize_async_saves(self.async_queue, blocking=True)
+                    return 0
+                timer = Timer()
+                micro, flops, counts = self._next_microbatches()
+                iteration += 1
+                result = train_step(self.ddp, self.optimizer, micro, kernels=self.kernels, dp_group=self.dp_group,
+                                    inject_nan=iteration in cfg.train.inject_nan_at)
+                if result["skipped"]:
+                    self.nan_skipped_steps += 1
+                    self.nan_in_a_row += 1
+                    self._print(f"[train] iteration {iteration}: NaN/Inf in loss or gradients, step skipped "
+                                f"({self.nan_in_a_row} in a row, {self.nan_skipped_steps} in total)")
+                else:
+                    self.nan_in_a_row = 0
+                    self.scheduler.step(increment=1)
+                totals = torch.tensor([flops, counts["real_tokens"], counts["samples"]], dtype=torch.float64)
+                if not self._is_data_writer():
+                    totals.zero_()  # count each DP replica's data once
+                dist.all_reduce(totals)
+                self.consumed_samples += int(totals[2])
+                step_time = timer.elapsed()
+                if logger is not None:
+                    logger.log(self._record(iteration, result, totals, step_time))
+                if self.nan_in_a_row >= cfg.train.max_consecutive_nan_steps:
+                    raise NaNStop(
+                        f"stopping: {self.nan_in_a_row} consecutive steps with NaN/Inf loss or gradients "
+                        f"(train.max_consecutive_nan_steps={cfg.train.max_consecutive_nan_steps}); the last good "
+                        f"checkpoint is {ckpt.latest_iteration(self.ckpt_dir) if os.path.isdir(self.ckpt_dir) else None}"
+                        "; lower optimizer.lr or check the data")
+                ckpt.finalize_async_saves(self.async_queue, blocking=False)
+                if iteration % cfg.checkpoint.save_interval == 0:
+                    self.save(iteration)
+                    last_saved = iteration
+            if cfg.checkpoint.save_on_exit and iteration != last_saved:
+                self.save(iteration)
+            ckpt.finalize_async_saves(self.async_queue, blocking=True)
+        finally:
+            if logger is not None:
+                logger.close()
+        self._print(f"[train] finished {iteration} iterations ({self.consumed_samples} samples)")
+        return 0
+
+    def _record(self, iteration: int, result: dict, totals: torch.Tensor, step_time: float) -> dict:
+        flops, real_tokens = float(totals[0]), float(totals[1])
+        tflops_per_gpu = flops / step_time / self.world / 1e12
+        return {
+            "iteration": iteration,
+            "loss": result["loss"],
+            "grad_norm": result["grad_norm"],
+            "lr": self.optimizer.param_groups[0]["lr"] if self.optimizer.param_groups else 0.0,
+            "loss_weight_sum": result["weight_sum"],
+            "skipped_step": bool(result["skipped"]),
+            "nan_skipped_steps": self.nan_skipped_steps,
+            "real_tokens": int(real_tokens),
+            "consumed_samples": self.consumed_samples,
+            "step_time_s": step_time,
+            "tokens_per_s_per_gpu": real_tokens / step_time / self.world,
+            "tflops_per_gpu": tflops_per_gpu,
+            "mfu": tflops_per_gpu / self.peak_tflops if self.peak_tflops else None,
+            "peak_mem_gb": peak_memory_gb(),
+            "skipped_samples": dict(self.loader.skip_counts),
+        }
+
+    def close(self) -> None:
+        self.loader.close()
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
