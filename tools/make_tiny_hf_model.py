@@ -2,6 +2,7 @@
 """Write a tiny randomly initialised HF Qwen2.5-VL / Qwen2-VL model directory (no download).
 
   python tools/make_tiny_hf_model.py --family qwen2_5_vl --out DIR [--seed S] [--tie] [--max-shard-size 100KB]
+      [--llm-hidden-size 96] [--kv-heads 4 --vision-heads 4 (TP=4-able)] [--dtype bfloat16]
 """
 import argparse
 import os
@@ -19,13 +20,24 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tie", action="store_true", help="tie input and output embeddings")
     p.add_argument("--max-shard-size", default=None, help="e.g. 100KB to write a sharded checkpoint")
+    p.add_argument("--llm-hidden-size", type=int, default=None, help="LLM width (default 64)")
+    p.add_argument("--kv-heads", type=int, default=None, help="LLM key/value heads (default 2)")
+    p.add_argument("--vision-heads", type=int, default=None, help="ViT heads (default 2)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
     if os.path.exists(args.out) and os.listdir(args.out):
         print(f"error: --out {args.out!r} exists and is not empty", file=sys.stderr)
         return 2
+    import torch
+
     from mllm_mega.models.qwen2_vl.tiny import build_tiny_hf_model
 
-    model = build_tiny_hf_model(args.family, seed=args.seed, tie_word_embeddings=args.tie)
+    text = {k: v for k, v in (("hidden_size", args.llm_hidden_size), ("num_key_value_heads", args.kv_heads))
+            if v is not None}
+    vision = {"num_heads": args.vision_heads} if args.vision_heads else None
+    model = build_tiny_hf_model(args.family, seed=args.seed, tie_word_embeddings=args.tie,
+                                vision_overrides=vision, **text)
+    model = model.to(getattr(torch, args.dtype))
     parent = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)

@@ -21,8 +21,13 @@ TINY_SPECIAL = {
 }
 
 
-def tiny_hf_config_dict(family: str = "qwen2_5_vl", *, tie_word_embeddings: bool = False, **text_overrides):
-    """A config.json dict for a tiny model of ``family`` ("qwen2_5_vl" or "qwen2_vl")."""
+def tiny_hf_config_dict(family: str = "qwen2_5_vl", *, tie_word_embeddings: bool = False,
+                        vision_overrides: dict | None = None, **text_overrides):
+    """A config.json dict for a tiny model of ``family`` ("qwen2_5_vl" or "qwen2_vl").
+
+    ``text_overrides`` replace text_config keys (a new ``hidden_size`` also gets a matching MRoPE section
+    unless ``rope_parameters`` is given); ``vision_overrides`` replace vision_config keys.
+    """
     text = {
         "vocab_size": TINY_VOCAB,
         "hidden_size": 64,
@@ -40,6 +45,10 @@ def tiny_hf_config_dict(family: str = "qwen2_5_vl", *, tie_word_embeddings: bool
         "eos_token_id": TINY_SPECIAL["eos_token_id"],
     }
     text.update(text_overrides)
+    if "hidden_size" in text_overrides and "rope_parameters" not in text_overrides:
+        half = text["hidden_size"] // text["num_attention_heads"] // 2
+        hw = half * 3 // 8  # the real models' split: [16, 24, 24] for head_dim 128
+        text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": [half - 2 * hw, hw, hw]}
     if family == "qwen2_5_vl":
         vision = {
             "depth": 4,
@@ -73,6 +82,7 @@ def tiny_hf_config_dict(family: str = "qwen2_5_vl", *, tie_word_embeddings: bool
         arch = "Qwen2VLForConditionalGeneration"
     else:
         raise ValueError(f"unknown family {family!r}; expected 'qwen2_5_vl' or 'qwen2_vl'")
+    vision.update(vision_overrides or {})
     return {
         "architectures": [arch],
         "model_type": family,
