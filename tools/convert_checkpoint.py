@@ -4,6 +4,13 @@
   python tools/convert_checkpoint.py import-hf --hf-dir H --out M
   torchrun --nproc_per_node=N tools/convert_checkpoint.py verify --hf-dir H --load M [--tp T --pp P]
       [--inputs inputs.pt]     # last line: max_abs_diff=<x> rel_diff=<y>; exit 1 when over tolerance
+  python tools/convert_checkpoint.py export-hf --load M --out H [--dtype bf16|fp16|fp32] [--max-shard-size 5GB]
+  python tools/convert_checkpoint.py roundtrip --hf-dir H [--tp T --pp P]
+      # import -> (re-save at TP/PP) -> export -> every tensor bit-identical to H? exit 1 if not
+  torchrun --nproc_per_node=T*P tools/convert_checkpoint.py reshard --load M --out M2 --tp T --pp P
+
+Errors (bad paths, non-checkpoint directories, a non-empty --out, ...) exit 2 with `error: ...` on stderr and
+leave nothing at --out.
 """
 from __future__ import annotations
 
@@ -12,6 +19,12 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _fail(cmd: str, err: Exception) -> int:
+    msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+    print(f"error: {cmd} failed: {msg}", file=sys.stderr)
+    return 2
 
 
 def main(argv=None) -> int:
@@ -29,17 +42,72 @@ def main(argv=None) -> int:
     v.add_argument("--inputs", default=None, help="torch.save'd dict of HF processor inputs")
     v.add_argument("--atol", type=float, default=1e-4, help="max abs logits difference allowed (fp32)")
     v.add_argument("--kernels", default="torch", choices=["auto", "torch", "triton"])
+    e = sub.add_parser("export-hf", help="mllm_mega checkpoint (any TP/PP) -> HF directory")
+    e.add_argument("--load", required=True, help="checkpoint root or one of its iter_XXXXXXX directories")
+    e.add_argument("--out", required=True)
+    e.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: the source dtype of the import)")
+    e.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB, 2MiB")
+    r = sub.add_parser("roundtrip", help="import, export and compare every tensor with the HF source")
+    r.add_argument("--hf-dir", required=True)
+    r.add_argument("--tp", type=int, default=1, help="re-save at this TP before exporting (torchrun child)")
+    r.add_argument("--pp", type=int, default=1, help="re-save at this PP before exporting (torchrun child)")
+    r.add_argument("--num-llm-layers-in-first-stage", type=int, default=None)
+    r.add_argument("--max-shard-size", default="5GB")
+    r.add_argument("--workdir", default=None, help="where the intermediate files go (default: system temp)")
+    r.add_argument("--keep", action="store_true", help="keep the intermediate checkpoint and export")
+    rs = sub.add_parser("reshard", help="collective: load at --tp/--pp and save again (a checkpoint of that layout)")
+    rs.add_argument("--load", required=True)
+    rs.add_argument("--out", required=True)
+    rs.add_argument("--tp", type=int, default=1)
+    rs.add_argument("--pp", type=int, default=1)
+    rs.add_argument("--num-llm-layers-in-first-stage", type=int, default=None)
     args = p.parse_args(argv)
 
-    from mllm_mega.models.qwen2_vl import convert
+    from mllm_mega.models.qwen2_vl import convert, export
+
+    errors = (FileNotFoundError, FileExistsError, KeyError, ValueError)
+    if args.cmd == "export-hf":
+        try:
+            index = export.export_hf(args.load, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+        except errors as err:
+            return _fail("export-hf", err)
+        shards = len(set(index["weight_map"].values()))
+        print(f"wrote {args.out}: {len(index['weight_map'])} tensors in {shards} shard(s), "
+              f"{index['metadata']['total_size']} bytes")
+        return 0
+    if args.cmd == "roundtrip":
+        try:
+            rep = export.roundtrip(args.hf_dir, tp=args.tp, pp=args.pp, max_shard_size=args.max_shard_size,
+                                   num_llm_layers_in_first_stage=args.num_llm_layers_in_first_stage,
+                                   workdir=args.workdir, keep=args.keep)
+        except errors as err:
+            return _fail("roundtrip", err)
+        for line in rep["problems"][:20]:
+            print(f"mismatch: {line}")
+        if rep["workdir"]:
+            print(f"kept {rep['workdir']}")
+        status = "bit-identical" if not rep["problems"] else f"{len(rep['problems'])} MISMATCH(ES)"
+        print(f"roundtrip tp={args.tp} pp={args.pp}: {rep['tensors']} tensors compared ({rep['dtype']}): {status}")
+        return 0 if not rep["problems"] else 1
+    if args.cmd == "reshard":
+        import torch.distributed as dist
+
+        try:
+            export.reshard(args.load, args.out, tp=args.tp, pp=args.pp,
+                           num_llm_layers_in_first_stage=args.num_llm_layers_in_first_stage)
+        except errors as err:
+            return _fail("reshard", err)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"wrote {args.out} (saved at TP={args.tp} PP={args.pp})")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 0
 
     if args.cmd == "import-hf":
         try:
             convert.import_hf(args.hf_dir, args.out)
-        except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-            print(f"error: import-hf failed: {msg}", file=sys.stderr)
-            return 2
+        except errors as err:
+            return _fail("import-hf", err)
         print(f"wrote {args.out}")
         return 0
     if args.cmd == "verify":
