@@ -108,6 +108,9 @@ class TrainConfig:
     """Packed sequences (of data.seq_len tokens) per optimizer step, over all data-parallel ranks."""
     micro_batch_size: int = 1
     """Packed sequences concatenated into one forward/backward (THD, attention never crosses samples)."""
+    exit_interval: int | None = None
+    """Save and exit after an iteration that is a multiple of this (Megatron's --exit-interval): split a run
+    over several jobs; the next launch resumes."""
     max_consecutive_nan_steps: int = 5
     """Stop after this many steps in a row whose loss or gradients are NaN/Inf (each one is skipped)."""
     inject_nan_at: list[int] = field(default_factory=list)
@@ -123,6 +126,9 @@ class TrainConfig:
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
                              f"train.micro_batch_size ({self.micro_batch_size})")
+        if self.exit_interval is not None and (isinstance(self.exit_interval, bool) or
+                                               not isinstance(self.exit_interval, int) or self.exit_interval < 1):
+            raise ValueError(f"train.exit_interval must be None or a positive int, got {self.exit_interval!r}")
         if self.eval_num_captions < 0:
             raise ValueError(f"train.eval_num_captions must be >= 0, got {self.eval_num_captions}")
 
@@ -171,6 +177,8 @@ class CheckpointConfig:
     """auto (on GPU) | true | false: write checkpoints in a background process while training continues."""
     save_on_exit: bool = True
     """Save when training ends."""
+    save_initial: bool = False
+    """Also save iteration 0 (the initial weights), e.g. to start runs at other layouts from the same point."""
     optimizer_sharding: str = "dp_reshardable"
     """Distributed-optimizer state layout: dp_reshardable (fully parallel; resume at another DP size) or
     fully_reshardable (gathered per DP group; resume at another TP/PP too). Weights reshard either way."""

@@ -110,7 +110,7 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg)
         try:
             trainer.train()
-            if not trainer.stopped_by_signal:
+            if not trainer.stopped_early:
                 caption_eval(trainer)
         finally:
             trainer.close()

@@ -84,7 +84,7 @@ class Trainer:
         self.multipliers = training_multipliers(self.frozen)
         self.peak_tflops = device_peak_tflops(cfg.logging.peak_tflops)
         self._stop_signal = None
-        self.stopped_by_signal = False  # the same on every rank (agreed at a step boundary)
+        self.stopped_early = False  # signal or exit_interval; the same on every rank (agreed at a step boundary)
         total = torch.tensor([float(sum(counts.values()))])
         dist.all_reduce(total)
         self._print(f"[train] {self.arch.family} | layout tp={cfg.parallel.tp} pp={cfg.parallel.pp} "
@@ -124,6 +124,7 @@ class Trainer:
             "nan_skipped_steps": self.nan_skipped_steps, "nan_in_a_row": self.nan_in_a_row,
             "scheduler": self.scheduler.state_dict(), "layout": self._layout(),
             "optimizer_sharding": self.cfg.checkpoint.optimizer_sharding,
+            "adam_step": _adam_step(self.optimizer),
         }
         loader_state = self.loader.state_dict() if self._is_data_writer() else None
 
@@ -167,9 +168,16 @@ class Trainer:
                 f"{path}: its optimizer state was saved with checkpoint.optimizer_sharding=dp_reshardable at "
                 f"tp={saved['tp']} pp={saved['pp']} and cannot be loaded at tp={now['tp']} pp={now['pp']}; save "
                 "with fully_reshardable, or start a new run with model.init_from (weights reshard at any layout)")
+        groups = _group_hparams(self.optimizer)  # before loading: the load writes into the live groups
+        _materialize_optimizer_state(self.optimizer)
         state = ckpt.load_checkpoint(path, self._sharded_state_dict(is_loading=True, sharding=ts["optimizer_sharding"]))
-        self.model.load_state_dict(state["model"], strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():  # fp32 main params are views of the parameters
+            self.model.load_state_dict(state["model"], strict=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+        # megatron matches saved param groups to ours by position among groups of equal weight decay, which
+        # can swap the per-module LR multipliers: the config is the source of truth for group hyperparameters
+        _set_group_hparams(self.optimizer, groups)
+        _set_adam_step(self.optimizer, ts["adam_step"])
         self.scheduler.load_state_dict(ts["scheduler"])
         self.start_iteration = ts["iteration"]
         self.consumed_samples = ts["consumed_samples"]
@@ -222,10 +230,12 @@ class Trainer:
                                tensorboard=cfg.logging.tensorboard, max_steps=cfg.train.max_steps) \
             if self.rank == 0 else None
         iteration, last_saved = self.start_iteration, self.start_iteration
+        if cfg.checkpoint.save_initial and iteration == 0:
+            self.save(0)
         try:
             while iteration < cfg.train.max_steps:
                 if self._should_stop():
-                    self.stopped_by_signal = True
+                    self.stopped_early = True
                     self._print(f"[train] received signal {self._stop_signal or '(on another rank)'}: saving "
                                 f"at iteration {iteration} and exiting")
                     if iteration != last_saved:
@@ -263,7 +273,12 @@ class Trainer:
                 if iteration % cfg.checkpoint.save_interval == 0:
                     self.save(iteration)
                     last_saved = iteration
-            if cfg.checkpoint.save_on_exit and iteration != last_saved:
+                if cfg.train.exit_interval and iteration % cfg.train.exit_interval == 0:
+                    self._print(f"[train] train.exit_interval={cfg.train.exit_interval}: exiting at iteration "
+                                f"{iteration}; run the same command again to continue")
+                    self.stopped_early = True  # a planned stop: no end-of-run evaluation
+                    break
+            if (cfg.checkpoint.save_on_exit or self.stopped_early) and iteration != last_saved:
                 self.save(iteration)
             ckpt.finalize_async_saves(self.async_queue, blocking=True)
         finally:
@@ -295,6 +310,50 @@ class Trainer:
 
     def close(self) -> None:
         self.loader.close()
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer its Adam state tensors so its sharded state dict can be built for
+    loading (megatron steps it once on zero gradients; the loaded checkpoint then overwrites parameters and
+    state)."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(sub, "_init_optimizer_states_with_dummy_values") and not sub.optimizer.state:
+            with torch.no_grad():
+                sub._init_optimizer_states_with_dummy_values()
+
+
+_GROUP_KEYS = ("max_lr", "min_lr", "wd_mult")
+
+
+def _param_groups(optimizer):
+    return [g for sub in getattr(optimizer, "chained_optimizers", [optimizer]) for g in sub.optimizer.param_groups]
+
+
+def _group_hparams(optimizer) -> list[dict]:
+    return [{k: g[k] for k in _GROUP_KEYS if k in g} for g in _param_groups(optimizer)]
+
+
+def _set_group_hparams(optimizer, hparams: list[dict]) -> None:
+    for group, values in zip(_param_groups(optimizer), hparams, strict=True):
+        group.update(values)
+
+
+def _adam_step(optimizer) -> float | None:
+    """Adam's step counter (bias correction); megatron's dp_reshardable format does not restore it."""
+    steps = {float(st["step"]) for sub in getattr(optimizer, "chained_optimizers", [optimizer])
+             for st in sub.optimizer.state.values() if "step" in st}
+    if len(steps) > 1:
+        raise RuntimeError(f"optimizer parameters disagree on Adam's step: {sorted(steps)}")
+    return steps.pop() if steps else None
+
+
+def _set_adam_step(optimizer, step: float | None) -> None:
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for st in sub.optimizer.state.values():
+            if step is None:
+                st.pop("step", None)
+            elif "step" in st:
+                st["step"] = torch.tensor(float(step), dtype=torch.float32)
 
 
 def _rng_state() -> dict:
