@@ -80,7 +80,7 @@ def main(argv=None) -> int:
             rep = export.roundtrip(args.hf_dir, tp=args.tp, pp=args.pp, max_shard_size=args.max_shard_size,
                                    num_llm_layers_in_first_stage=args.num_llm_layers_in_first_stage,
                                    workdir=args.workdir, keep=args.keep)
-        except errors as err:
+        except (*errors, RuntimeError) as err:  # RuntimeError: the re-save child failed (its stderr is in it)
             return _fail("roundtrip", err)
         for line in rep["problems"][:20]:
             print(f"mismatch: {line}")

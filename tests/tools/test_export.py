@@ -120,3 +120,17 @@ def test_export_errors(hf_dirs, ckpts, tmp_path, capsys, case):
         assert os.listdir(out) == ["x"]
     else:
         assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("case", ["missing", "hf_dir", "bad_layout"])
+def test_reshard_errors(hf_dirs, ckpts, tmp_path, capsys, case):
+    args, needle = {
+        "missing": (["--load", str(tmp_path / "nope")], "does not exist"),
+        "hf_dir": (["--load", hf_dirs["qwen2_vl"]], "not an mllm_mega checkpoint"),
+        "bad_layout": (["--load", ckpts["qwen2_5_vl"], "--tp", "2"], "world size 1 is not divisible by TP=2"),
+    }[case]
+    out = str(tmp_path / "out")
+    rc = load_tool("convert_checkpoint")(["reshard", *args, "--out", out])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: reshard failed:") and needle in err, err
+    assert_nothing_written(out)

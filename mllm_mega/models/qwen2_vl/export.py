@@ -29,7 +29,7 @@ from mllm_mega.models.qwen2_vl.checkpoint_io import (
     tensor_state,
 )
 from mllm_mega.models.qwen2_vl.configuration import ModelArch, ParallelLayout, to_transformer_configs
-from mllm_mega.models.qwen2_vl.hf_adapter import key_map, normalize_hf_key, ours_to_hf
+from mllm_mega.models.qwen2_vl.hf_adapter import key_map, ours_to_hf
 from mllm_mega.training import checkpointing as ckpt
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
