@@ -86,7 +86,11 @@ FAULT_ENV = "MLLM_MEGA_FAULT"  # test aid: "crash_in_save:N" kills the process m
 def _maybe_crash_in_save(iteration: int) -> None:
     fault = os.environ.get(FAULT_ENV, "")
     if fault == f"crash_in_save:{iteration}":
+        import multiprocessing
+
         print(f"[fault injection] {FAULT_ENV}={fault}: killing the process during the save", flush=True)
+        for child in multiprocessing.active_children():  # checkpoint writer processes would outlive us
+            child.kill()
         os._exit(17)
 
 

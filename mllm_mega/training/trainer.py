@@ -114,6 +114,7 @@ class Trainer:
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def save(self, iteration: int) -> None:
+        """Collective save of everything a resume needs (model only at iteration 0: no optimizer state yet)."""
         ckpt.finalize_async_saves(self.async_queue, blocking=True)
         if self.rank == 0:
             ckpt.write_meta(self.ckpt_dir, {"hf_config": self.arch.hf_config, "source_dtype": str(self.dtype)[6:],
@@ -125,6 +126,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "layout": self._layout(),
             "optimizer_sharding": self.cfg.checkpoint.optimizer_sharding,
             "adam_step": _adam_step(self.optimizer),
+            "model_only": iteration == 0,
         }
         loader_state = self.loader.state_dict() if self._is_data_writer() else None
 
@@ -140,7 +142,9 @@ class Trainer:
                     json.dump(train_state, f, indent=1)
 
         t = time.perf_counter()
-        ckpt.save_checkpoint(self.ckpt_dir, iteration, self._sharded_state_dict(is_loading=False),
+        sharded = (ckpt.model_sharded_state_dict(self.model) if iteration == 0
+                   else self._sharded_state_dict(is_loading=False))
+        ckpt.save_checkpoint(self.ckpt_dir, iteration, sharded,
                              keep_last=self.cfg.checkpoint.keep_last, write_extra=write_extra,
                              async_queue=self.async_queue)
         kind = "scheduled async save of" if self.async_queue is not None else "saved"
@@ -168,16 +172,21 @@ class Trainer:
                 f"{path}: its optimizer state was saved with checkpoint.optimizer_sharding=dp_reshardable at "
                 f"tp={saved['tp']} pp={saved['pp']} and cannot be loaded at tp={now['tp']} pp={now['pp']}; save "
                 "with fully_reshardable, or start a new run with model.init_from (weights reshard at any layout)")
-        groups = _group_hparams(self.optimizer)  # before loading: the load writes into the live groups
-        _materialize_optimizer_state(self.optimizer)
-        state = ckpt.load_checkpoint(path, self._sharded_state_dict(is_loading=True, sharding=ts["optimizer_sharding"]))
-        with torch.no_grad():  # fp32 main params are views of the parameters
-            self.model.load_state_dict(state["model"], strict=True)
-            self.optimizer.load_state_dict(state["optimizer"])
-        # megatron matches saved param groups to ours by position among groups of equal weight decay, which
-        # can swap the per-module LR multipliers: the config is the source of truth for group hyperparameters
-        _set_group_hparams(self.optimizer, groups)
-        _set_adam_step(self.optimizer, ts["adam_step"])
+        if ts.get("model_only"):
+            with torch.no_grad():
+                ckpt.load_model_weights(path, self.model)
+        else:
+            groups = _group_hparams(self.optimizer)  # before loading: the load writes into the live groups
+            _materialize_optimizer_state(self.optimizer)
+            state = ckpt.load_checkpoint(path, self._sharded_state_dict(is_loading=True,
+                                                                        sharding=ts["optimizer_sharding"]))
+            with torch.no_grad():  # fp32 main params are views of the parameters
+                self.model.load_state_dict(state["model"], strict=True)
+                self.optimizer.load_state_dict(state["optimizer"])
+            # megatron matches saved param groups to ours by position among groups of equal weight decay, which
+            # can swap the per-module LR multipliers: the config is the source of truth for group hyperparameters
+            _set_group_hparams(self.optimizer, groups)
+            _set_adam_step(self.optimizer, ts["adam_step"])
         self.scheduler.load_state_dict(ts["scheduler"])
         self.start_iteration = ts["iteration"]
         self.consumed_samples = ts["consumed_samples"]
