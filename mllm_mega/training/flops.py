@@ -24,22 +24,27 @@ def _seg_lens(cu: torch.Tensor) -> list[int]:
     return (cu[1:] - cu[:-1]).tolist()
 
 
-def llm_forward_flops(arch: ModelArch, segment_lens: list[int]) -> float:
+def llm_forward_flops(arch: ModelArch, segment_lens: list[int], *, causal: bool = True) -> dict[str, float]:
+    """{"linear": ..., "attention": ...} forward FLOPs of the LLM on packed samples of these lengths.
+
+    ``causal`` counts the attended (query, key) pairs, n(n+1)/2 per sample; False counts n^2 (what a kernel
+    that computes the full score matrix performs).
+    """
     t = arch.text
     hd, tokens = t.head_dim, sum(segment_lens)
     per_token = (2 * t.hidden_size * (t.num_heads + 2 * t.num_kv_heads) * hd  # linear_qkv
                  + 2 * t.num_heads * hd * t.hidden_size                      # linear_proj
                  + 2 * 3 * t.hidden_size * t.ffn_hidden_size)                # gated MLP
-    causal_pairs = sum(n * (n + 1) // 2 for n in segment_lens)
-    attention = 4 * causal_pairs * t.num_heads * hd  # QK^T and AV over causal pairs
+    pairs = sum(n * (n + 1) // 2 if causal else n * n for n in segment_lens)
+    attention = 4 * pairs * t.num_heads * hd  # QK^T and AV
     head = 2 * t.hidden_size * t.vocab_size * tokens
-    return float(t.num_layers * (per_token * tokens + attention) + head)
+    return {"linear": float(t.num_layers * per_token * tokens + head), "attention": float(t.num_layers * attention)}
 
 
-def vision_forward_flops(arch: ModelArch, grid_thw: torch.Tensor | None) -> tuple[float, float]:
-    """(ViT, merger) forward FLOPs for the images/videos of ``grid_thw`` (N, 3)."""
+def vision_forward_flops(arch: ModelArch, grid_thw: torch.Tensor | None) -> dict[str, float]:
+    """{"linear", "attention", "merger"} forward FLOPs of the ViT and merger for the images of ``grid_thw``."""
     if grid_thw is None or grid_thw.numel() == 0:
-        return 0.0, 0.0
+        return {"linear": 0.0, "attention": 0.0, "merger": 0.0}
     v = arch.vision
     grid_thw = grid_thw.cpu()
     patches = int(grid_thw.prod(-1).sum())
@@ -53,11 +58,11 @@ def vision_forward_flops(arch: ModelArch, grid_thw: torch.Tensor | None) -> tupl
     else:
         window_sq, num_full = 0, v.depth
     attention = 4 * v.hidden_size * (num_full * full_sq + (v.depth - num_full) * window_sq)
-    vit = 2 * v.patch_dim * v.hidden_size * patches + v.depth * per_patch * patches + attention
+    linear = 2 * v.patch_dim * v.hidden_size * patches + v.depth * per_patch * patches
     unit = v.spatial_merge_size ** 2
     merged_width = v.hidden_size * unit
     merger = (patches // unit) * (2 * merged_width * merged_width + 2 * merged_width * v.out_hidden_size)
-    return float(vit), float(merger)
+    return {"linear": float(linear), "attention": float(attention), "merger": float(merger)}
 
 
 def training_multipliers(frozen: dict[str, bool]) -> dict[str, int]:
@@ -79,10 +84,10 @@ def pack_flops(arch: ModelArch, pack: dict, multipliers: dict[str, int]) -> floa
         kept.append(n)
     vit, merger = 0.0, 0.0
     for key in ("image_grid_thw", "video_grid_thw"):
-        a, b = vision_forward_flops(arch, pack.get(key))
-        vit, merger = vit + a, merger + b
-    return (multipliers["vision"] * vit + multipliers["merger"] * merger
-            + multipliers["llm"] * llm_forward_flops(arch, kept))
+        f = vision_forward_flops(arch, pack.get(key))
+        vit, merger = vit + f["linear"] + f["attention"], merger + f["merger"]
+    llm = sum(llm_forward_flops(arch, kept).values())
+    return multipliers["vision"] * vit + multipliers["merger"] * merger + multipliers["llm"] * llm
 
 
 def device_peak_tflops(configured: float | None) -> float | None:

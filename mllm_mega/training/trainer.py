@@ -151,7 +151,11 @@ class Trainer:
         self._print(f"[train] {kind} {ckpt.iter_dir(self.ckpt_dir, iteration)} ({time.perf_counter() - t:.1f}s)")
 
     def _copy_tokenizer(self) -> None:
+        """ROOT/hf_extra: the tokenizer files and an image processor config matching the data settings, so
+        an exported checkpoint loads with AutoProcessor."""
         import shutil
+
+        from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
         src, dst = self.cfg.data.tokenizer_dir, os.path.join(self.ckpt_dir, "hf_extra")
         if os.path.isdir(dst) or not os.path.isdir(src):
@@ -159,6 +163,18 @@ class Trainer:
         tmp = dst + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp)
+        if not os.path.isfile(os.path.join(tmp, "preprocessor_config.json")):
+            v, d = self.arch.vision, self.cfg.data
+            config = {
+                "image_processor_type": "Qwen2VLImageProcessor", "do_convert_rgb": True, "do_resize": True,
+                "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "resample": 3,
+                "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
+                "size": {"shortest_edge": d.min_pixels, "longest_edge": d.max_pixels},
+                "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
+                "merge_size": v.spatial_merge_size,
+            }
+            with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
+                json.dump(config, f, indent=2)
         os.replace(tmp, dst)
 
     def _load(self, iteration: int) -> None:
