@@ -319,7 +319,7 @@ class Trainer:
             "iteration": iteration,
             "loss": result["loss"],
             "grad_norm": result["grad_norm"],
-            "lr": self.optimizer.param_groups[0]["lr"] if self.optimizer.param_groups else 0.0,
+            "lr": self.scheduler.get_lr({}),  # the base schedule (modules scale it by their lr_mult)
             "loss_weight_sum": result["weight_sum"],
             "skipped_step": bool(result["skipped"]),
             "nan_skipped_steps": self.nan_skipped_steps,
