@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from tests.conftest import run_cmd
 from tests.training.conftest import assert_ok, base_config, metrics, train
 
 
@@ -32,6 +33,19 @@ def test_same_loss_at_tp2_and_pp2(initial, tmp_path, layout):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["loss"], b["loss"])
         assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4), (a["grad_norm"], b["grad_norm"])
         assert a["loss_weight_sum"] == b["loss_weight_sum"]
+    # the run's checkpoint (model + optimizer, saved at this layout) exports to HF and matches HF's logits
+    hf = str(tmp_path / "hf")
+    res = run_cmd(["tools/convert_checkpoint.py", "export-hf", "--load", f"{run_dir}/checkpoints", "--out", hf])
+    assert res.returncode == 0, res.stderr[-3000:]
+    import transformers
+
+    model = transformers.AutoModelForImageTextToText.from_pretrained(hf)
+    assert model.config.text_config.vocab_size % 64 == 0
+    transformers.AutoTokenizer.from_pretrained(hf)
+    transformers.AutoImageProcessor.from_pretrained(hf)
+    res = run_cmd(["tools/convert_checkpoint.py", "verify", "--hf-dir", hf, "--load", f"{run_dir}/checkpoints"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert float(res.stdout.strip().splitlines()[-1].split()[0].split("=")[1]) < 1e-4
 
 
 def test_microbatch_split_invariance(initial, tmp_path):
