@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 
 import torch
 import torch.distributed as dist
@@ -43,10 +42,9 @@ def import_hf(hf_dir: str, out: str, *, progress: bool = True) -> None:
         raise ValueError(f"model parameters with no HF source: {missing}")
     model.load_state_dict(state, strict=True)
     reader.close()
-    parent = os.path.dirname(os.path.abspath(out)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".import-", dir=parent)
-    try:
+    from mllm_mega.models.qwen2_vl.checkpoint_io import staged_output
+
+    with staged_output(out, ".import-") as tmp:
         ckpt.write_meta(tmp, {"hf_config": arch.hf_config, "source_dtype": str(src_dtype).replace("torch.", ""),
                               "source": os.path.abspath(hf_dir)})
         ckpt.save_checkpoint(tmp, 0, ckpt.model_sharded_state_dict(model))
@@ -56,12 +54,6 @@ def import_hf(hf_dir: str, out: str, *, progress: bool = True) -> None:
             if os.path.isfile(os.path.join(hf_dir, name)):
                 os.makedirs(os.path.join(tmp, "hf_extra"), exist_ok=True)
                 shutil.copy2(os.path.join(hf_dir, name), os.path.join(tmp, "hf_extra", name))
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty, checked above
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_hf_model(hf_dir: str):
