@@ -1,0 +1,94 @@
+"""Every example config loads, and the GPU configs' layouts fit the Qwen2.5-VL sizes they name.
+
+The HF config.json files are not available offline, so the head counts and sizes of the released models are
+written out here (Qwen2.5-VL-3B / -7B config.json values).
+"""
+import glob
+import os
+import re
+
+import pytest
+
+from mllm_mega.config import load_config
+from tests.conftest import ROOT
+
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "examples", "configs", "*.yaml")))
+GPU_CONFIGS = [p for p in CONFIGS if os.path.basename(p).startswith("qwen2_5_vl_")]
+
+# Qwen2.5-VL released sizes: LLM (layers, q heads, kv heads, ffn, vocab), ViT (heads, ffn)
+KNOWN = {
+    "3B": dict(layers=36, heads=16, kv_heads=2, ffn=11008, vocab=151936, vision_heads=16, vision_ffn=3420),
+    "7B": dict(layers=28, heads=28, kv_heads=4, ffn=18944, vocab=152064, vision_heads=16, vision_ffn=3420),
+}
+STAGES = {"stage1": "projector", "stage1_5": "vit_projector", "stage2": "full"}
+
+
+def _name(path):
+    return os.path.basename(path)
+
+
+def _size(cfg):
+    """The released size the config's arch / init_from names (3B, 7B), or None."""
+    m = re.search(r"Qwen2\.5-VL-(\d+B)", f"{cfg.model.arch} {cfg.model.init_from}", re.IGNORECASE)
+    return m.group(1).upper() if m else None
+
+
+def test_there_are_example_configs():
+    assert any(_name(p) == "tiny_synthetic.yaml" for p in CONFIGS)
+    assert {_name(p) for p in GPU_CONFIGS} >= {f"qwen2_5_vl_{s}_{st}.yaml" for s in ("3b", "7b") for st in STAGES}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=_name)
+def test_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.train.global_batch_size % cfg.train.micro_batch_size == 0
+    assert cfg.run_dir
+
+
+@pytest.mark.parametrize("path", GPU_CONFIGS, ids=_name)
+def test_gpu_config_layout_fits_the_model(path):
+    cfg = load_config(path)
+    size = _size(cfg)
+    assert size in KNOWN, f"{_name(path)}: cannot tell the model size from arch={cfg.model.arch!r}"
+    m, p = KNOWN[size], cfg.parallel
+    tp, pp = p.tp, p.pp
+    assert m["kv_heads"] % tp == 0 and m["heads"] % tp == 0, f"TP={tp} does not divide the LLM heads of {size}"
+    assert m["vision_heads"] % tp == 0 and m["vision_ffn"] % tp == 0, f"TP={tp} does not divide the ViT of {size}"
+    assert m["vocab"] % tp == 0 and m["ffn"] % tp == 0
+    assert (tp * pp) <= 8 and 8 % (tp * pp) == 0, "a model replica should fit in (and divide) an 8-GPU node"
+    if pp > 1:
+        first = p.num_llm_layers_in_first_stage
+        if first is None:
+            assert m["layers"] % pp == 0
+        else:
+            rest = m["layers"] - first
+            assert 0 < first < m["layers"] and rest % (pp - 1) == 0
+            assert first <= rest // (pp - 1), "stage 0 also runs the ViT: give it no more LLM layers than the others"
+    # global batch: a multiple of micro-batch x DP for any whole number of 8-GPU nodes up to 8 (powers of two)
+    for nodes in (1, 2, 4, 8):
+        dp = nodes * 8 // (tp * pp)
+        assert cfg.train.global_batch_size % (cfg.train.micro_batch_size * dp) == 0, (nodes, dp)
+
+
+@pytest.mark.parametrize("path", GPU_CONFIGS, ids=_name)
+def test_gpu_config_stage_recipe(path):
+    """Stage, starting weights and LR follow the three-stage recipe (1 -> 1.5 -> 2)."""
+    cfg = load_config(path)
+    m = re.match(r"qwen2_5_vl_(\d+b)_(stage1|stage1_5|stage2)\.yaml$", _name(path))
+    assert m, _name(path)
+    size, stage = m.groups()
+    assert cfg.stage.name == STAGES[stage]
+    assert cfg.model.dtype == "auto" and cfg.model.kernels == "auto"
+    assert cfg.data.loss_reweighting == "square"
+    assert cfg.data.data_path and cfg.data.tokenizer_dir
+    assert cfg.checkpoint.async_save == "auto"
+    assert cfg.run_dir.endswith(f"qwen2_5_vl_{size}_{stage}")
+    previous = {"stage1_5": "stage1", "stage2": "stage1_5"}.get(stage)
+    if previous is None:
+        assert cfg.model.init_from and not cfg.model.init_from.endswith("/checkpoints")  # an import-hf output
+        assert cfg.stage.freeze_vision and cfg.stage.freeze_llm and not cfg.stage.freeze_merger
+    else:
+        prev = load_config(os.path.join(os.path.dirname(path), f"qwen2_5_vl_{size}_{previous}.yaml"))
+        assert os.path.normpath(cfg.model.init_from) == os.path.normpath(os.path.join(prev.run_dir, "checkpoints"))
+        assert cfg.optimizer.lr < prev.optimizer.lr
+        assert cfg.stage.lr_mult_vision < 1.0 and not cfg.stage.freeze_vision
