@@ -42,6 +42,8 @@ class Trainer:
         from mllm_mega.models.qwen2_vl.model import build_model
 
         self.cfg = cfg
+        self._stop_signal = None
+        self._install_signal_handlers()  # before the (long) build and load: an early signal is kept, not fatal
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.dp_group = ps.get_data_parallel_group()
@@ -83,7 +85,6 @@ class Trainer:
             self._load(resume_from)
         self.multipliers = training_multipliers(self.frozen)
         self.peak_tflops = device_peak_tflops(cfg.logging.peak_tflops)
-        self._stop_signal = None
         self.stopped_early = False  # signal or exit_interval; the same on every rank (agreed at a step boundary)
         total = torch.tensor([float(sum(counts.values()))])
         dist.all_reduce(total)
@@ -250,7 +251,6 @@ class Trainer:
 
     def train(self) -> int:
         cfg = self.cfg
-        self._install_signal_handlers()
         logger = MetricsLogger(cfg.run_dir, log_interval=cfg.logging.log_interval,
                                tensorboard=cfg.logging.tensorboard, max_steps=cfg.train.max_steps) \
             if self.rank == 0 else None
