@@ -6,12 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 RUN_DIR=${RUN_DIR:-runs/tiny_synthetic}
+export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}  # megatron-core's and torch's deprecation warnings
 "$PY" -m torch.distributed.run --nproc_per_node=2 -m mllm_mega.train \
-    --config examples/configs/tiny_synthetic.yaml run_dir="$RUN_DIR" "$@" 2> >(grep -v -i "warn" >&2)
+    --config examples/configs/tiny_synthetic.yaml run_dir="$RUN_DIR" "$@"
 "$PY" - "$RUN_DIR" <<'PYEOF'
 import json, sys
 rows = [json.loads(line) for line in open(f"{sys.argv[1]}/metrics.jsonl")]
 first, last = rows[0], rows[-1]
-print(f"loss fell from {first['loss']:.3f} (iteration {first['iteration']}) to {last['loss']:.3f} "
-      f"(iteration {last['iteration']}); metrics in {sys.argv[1]}/metrics.jsonl")
+print(f"loss: {first['loss']:.3f} at iteration {first['iteration']} -> {last['loss']:.3f} at iteration "
+      f"{last['iteration']}; metrics in {sys.argv[1]}/metrics.jsonl, plot: tools/plot_metrics.py {sys.argv[1]}")
 PYEOF
