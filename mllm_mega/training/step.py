@@ -86,9 +86,8 @@ def train_step(ddp_model, optimizer, microbatches: list[dict], *, kernels: str, 
     seq = microbatches[0]["input_ids"].shape[0]
     if config.sequence_parallel:
         seq //= tp
+    ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
-    for chunk in [ddp_model]:
-        chunk.zero_grad_buffer()
     losses = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(microbatches), model=[ddp_model],
         num_microbatches=len(microbatches), seq_length=seq, micro_batch_size=1, forward_only=False)
