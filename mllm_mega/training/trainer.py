@@ -65,7 +65,7 @@ class Trainer:
         if resume_from is None and cfg.model.init_from:
             ckpt.load_model_weights(cfg.model.init_from, self.model)
             self._print(f"[train] initial weights from {cfg.model.init_from}")
-        counts = setup.apply_freeze(self.model, cfg)
+        setup.apply_freeze(self.model, cfg)
         self.frozen = {"vision": cfg.stage.freeze_vision, "merger": cfg.stage.freeze_merger,
                        "llm": cfg.stage.freeze_llm}
         self.ddp = setup.wrap_ddp(self.model, cfg)
@@ -86,8 +86,6 @@ class Trainer:
         self.multipliers = training_multipliers(self.frozen)
         self.peak_tflops = device_peak_tflops(cfg.logging.peak_tflops)
         self.stopped_early = False  # signal or exit_interval; the same on every rank (agreed at a step boundary)
-        total = torch.tensor([float(sum(counts.values()))])
-        dist.all_reduce(total)
         self._print(f"[train] {self.arch.family} | layout tp={cfg.parallel.tp} pp={cfg.parallel.pp} "
                     f"dp={self.dp_size} | stage {cfg.stage.name} (frozen: "
                     f"{[k for k, v in self.frozen.items() if v] or 'none'}) | dtype {str(self.dtype)[6:]} | "
