@@ -5,7 +5,8 @@ an autograd Function and the public function:
 - ``varlen_attention``: packed attention with flash-attn's ``flash_attn_varlen_func`` call (GQA, causal);
 - ``apply_rope``: RoPE / MRoPE / ViT 2-D RoPE with angles computed from position ids in the kernel;
 - ``rms_norm``: RMSNorm with HF Qwen2RMSNorm numerics;
-- ``loss_weights`` + ``weighted_cross_entropy``: packed, reweighted, vocab-parallel cross-entropy.
+- ``loss_weights`` + ``weighted_cross_entropy``: packed, reweighted, vocab-parallel cross-entropy;
+- ``launch_counts`` / ``counting_launches``: launches of each kernel, to prove which ones ran.
 """
 import os as _os
 
@@ -17,6 +18,7 @@ import torch as _torch
 if "TRITON_INTERPRET" not in _os.environ and not _torch.cuda.is_available():
     _os.environ["TRITON_INTERPRET"] = "1"
 
+from ._counts import KERNEL_NAMES, counting_launches, launch_counts, reset_launch_counts
 from .cross_entropy import loss_weights, weighted_cross_entropy, weighted_cross_entropy_ref
 from .rmsnorm import rms_norm, rms_norm_ref
 from .rope import apply_rope, apply_rope_ref
@@ -27,4 +29,5 @@ __all__ = [
     "apply_rope", "apply_rope_ref",
     "rms_norm", "rms_norm_ref",
     "loss_weights", "weighted_cross_entropy", "weighted_cross_entropy_ref",
+    "KERNEL_NAMES", "launch_counts", "reset_launch_counts", "counting_launches",
 ]

@@ -19,6 +19,8 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from ._counts import count_launch
+
 # ---- tuning constants ----------------------------------------------------------------------------
 # Not yet tuned on a GPU. 8192-wide chunks (32 KiB of fp32 per program, 16 fp32 registers per thread
 # with 16 warps) amortise the per-chunk reductions over long rows (152064 / 8192 = 19 chunks).
@@ -194,6 +196,7 @@ def _ce_forward(logits, labels, weights, ignore_index, tp_group):
     num_rows, vocab_local = logits.shape
     stats = torch.empty((3, num_rows), dtype=torch.float32, device=logits.device)  # max, sum-exp, target
     if num_rows > 0:
+        count_launch("cross_entropy_fwd")
         _ce_fwd_kernel[(num_rows,)](logits, labels, stats[0], stats[1], stats[2], logits.stride(0), vocab_local,
                                     rank * vocab_local, ignore_index, BLOCK_V=_block_v(vocab_local),
                                     num_warps=NUM_WARPS)
@@ -216,6 +219,7 @@ def _ce_backward(grad_out, logits, labels, weights, lse, ignore_index, tp_group)
     dlogits = torch.empty_like(logits)
     if num_rows > 0:
         grad_out = grad_out.to(device=logits.device, dtype=torch.float32).contiguous()
+        count_launch("cross_entropy_bwd")
         _ce_bwd_kernel[(num_rows,)](logits, dlogits, labels, weights, lse, grad_out, logits.stride(0),
                                     dlogits.stride(0), vocab_local, rank * vocab_local, ignore_index,
                                     BLOCK_V=_block_v(vocab_local), num_warps=NUM_WARPS)

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._counts import count_launch
+
 # ---- tuning constants ----------------------------------------------------------------------------
 # Not yet tuned on a GPU. One row per forward program with the whole row in registers (hidden sizes up
 # to 8192 in one block); warps grow with the row so each thread holds ~8-16 elements.
@@ -114,6 +116,7 @@ def _fwd(x, weight, eps):
     rstd = torch.empty(num_rows, dtype=torch.float32, device=x.device)
     if num_rows > 0:
         block_n = triton.next_power_of_2(num_cols)
+        count_launch("rms_norm_fwd")
         _rms_norm_fwd_kernel[(num_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), num_cols, float(eps),
                                           BLOCK_N=block_n, num_warps=_num_warps(block_n))
     return y.reshape(x.shape), x2, rstd
@@ -134,6 +137,7 @@ def _bwd(dy, x2, weight, rstd, x_shape):
     num_programs = triton.cdiv(num_rows, rows_per_program)
     dw_partial = torch.empty((num_programs, num_cols), dtype=torch.float32, device=x2.device)
     block_n = triton.next_power_of_2(num_cols)
+    count_launch("rms_norm_bwd")
     _rms_norm_bwd_kernel[(num_programs,)](
         x2, weight, dy2, dx, rstd, dw_partial, x2.stride(0), dy2.stride(0), dx.stride(0),
         num_rows, num_cols, rows_per_program, BLOCK_N=block_n, num_warps=_num_warps(block_n))

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._counts import count_launch
+
 # ---- tuning constants ----------------------------------------------------------------------------
 # Not yet tuned on a GPU. A program handles BLOCK_T tokens: it computes their (BLOCK_T, d/2) angles once
 # and then walks the heads BLOCK_H at a time, so cos/sin cost is amortised over all heads while each
@@ -138,6 +140,7 @@ def _rope(x, position_ids, inv_freq, sections, sign):
     if sec is None:
         sec = _SEC_ID_CACHE[key] = section_ids(sections, x.device)
     inv_freq = inv_freq.contiguous()
+    count_launch("rope_fwd" if sign > 0 else "rope_bwd")
     _rope_kernel[(triton.cdiv(num_tokens, BLOCK_T),)](
         x, y, position_ids, inv_freq, sec,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), position_ids.stride(0), position_ids.stride(1),

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._counts import count_launch
 from ._tiles import cached_tiles
 
 # ---- tuning constants ----------------------------------------------------------------------------
@@ -568,6 +569,7 @@ def _attn_forward(q, k, v, cu_q, cu_k, max_seqlen_q, scale, causal):
     blocks = _blocks(head_dim, max_seqlen_q)
     tiles = cached_tiles(cu_q, cu_k, blocks["fwd_m"], total_q, "causal_q" if causal else "full")
     grid = (tiles.shape[1] * num_heads,)
+    count_launch("attention_fwd")
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, cu_q, cu_k, tiles[0], tiles[1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
@@ -585,6 +587,7 @@ def _attn_backward(do, q, k, v, o, lse, cu_q, cu_k, max_seqlen_q, scale, causal)
     if total_q == 0 or total_k == 0 or cu_q.numel() < 2:
         return dq, dk, dv
     delta = torch.empty((num_heads, total_q), dtype=torch.float32, device=q.device)
+    count_launch("attention_bwd")  # the delta, dK/dV and dQ kernels below
     _attn_bwd_delta_kernel[(triton.cdiv(total_q, DELTA_BLOCK_T), num_heads)](
         o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), total_q,
         HEAD_DIM=head_dim, BLOCK_T=DELTA_BLOCK_T, BLOCK_D=triton.next_power_of_2(head_dim))

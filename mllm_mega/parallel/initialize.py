@@ -27,7 +27,9 @@ def initialize_distributed(tensor_model_parallel_size: int = 1, pipeline_model_p
     cuda = torch.cuda.is_available()
     cpu_compat.apply()
     if not dist.is_initialized():
-        backend = "nccl" if cuda else "gloo"
+        # the trainer all-reduces small CPU tensors (loss-weight sums, stop flags, counters): NCCL takes
+        # CUDA tensors only, so CPU tensors go over gloo in the same groups
+        backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if "RANK" in os.environ:  # torchrun / SLURM-launched

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from mllm_mega.config import Config
+from mllm_mega.models.qwen2_vl.spec import resolve_kernels
 from mllm_mega.training import checkpointing as ckpt
 from mllm_mega.training import setup
 from mllm_mega.training.flops import device_peak_tflops, pack_flops, training_multipliers
@@ -57,7 +58,7 @@ class Trainer:
         self.text = TextProcessor(cfg.data.tokenizer_dir)
         self.arch = setup.resolve_arch(cfg, self.text)
         self.dtype = setup.resolve_dtype(cfg)
-        self.kernels = cfg.model.kernels
+        self.kernels = resolve_kernels(cfg.model.kernels)  # once, so the model and the loss slot agree
         self.model = build_model(self.arch, setup.layout_of(cfg), kernels=self.kernels, params_dtype=self.dtype)
         self.start_iteration = 0
         resume_from = ckpt.latest_iteration(self.ckpt_dir) if cfg.checkpoint.resume and \
@@ -267,9 +268,12 @@ class Trainer:
                     return 0
                 timer = Timer()
                 micro, flops, counts = self._next_microbatches()
+                first_step = iteration == self.start_iteration
+                launches_before = _launch_counts() if first_step else None
                 iteration += 1
                 result = train_step(self.ddp, self.optimizer, micro, kernels=self.kernels, dp_group=self.dp_group,
                                     inject_nan=iteration in cfg.train.inject_nan_at)
+                launches = self._launches_since(launches_before, iteration) if first_step else None
                 if result["skipped"]:
                     self.nan_skipped_steps += 1
                     self.nan_in_a_row += 1
@@ -285,7 +289,10 @@ class Trainer:
                 self.consumed_samples += int(totals[2])
                 step_time = timer.elapsed()
                 if logger is not None:
-                    logger.log(self._record(iteration, result, totals, step_time))
+                    record = self._record(iteration, result, totals, step_time)
+                    if launches is not None:
+                        record["kernel_launches"] = launches
+                    logger.log(record)
                 if self.nan_in_a_row >= cfg.train.max_consecutive_nan_steps:
                     raise NaNStop(
                         f"stopping: {self.nan_in_a_row} consecutive steps with NaN/Inf loss or gradients "
@@ -331,8 +338,27 @@ class Trainer:
             "skipped_samples": dict(self.loader.skip_counts),
         }
 
+    def _launches_since(self, before: dict, iteration: int) -> dict:
+        """Triton kernel launches of one step, summed over all ranks, printed once: a slot that fell back to
+        torch shows as 0 (``kernels: torch`` gives all zeros)."""
+        from mllm_mega.kernels import KERNEL_NAMES
+
+        now = _launch_counts()
+        counts = torch.tensor([now[k] - before[k] for k in KERNEL_NAMES], dtype=torch.int64)
+        dist.all_reduce(counts)
+        launches = dict(zip(KERNEL_NAMES, (int(n) for n in counts.tolist())))
+        self._print(f"[train] Triton kernel launches in iteration {iteration} (all ranks): "
+                    + " ".join(f"{k}={v}" for k, v in launches.items()))
+        return launches
+
     def close(self) -> None:
         self.loader.close()
+
+
+def _launch_counts() -> dict:
+    from mllm_mega.kernels import launch_counts
+
+    return launch_counts()
 
 
 def _materialize_optimizer_state(optimizer) -> None:

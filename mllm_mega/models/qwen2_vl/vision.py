@@ -19,7 +19,7 @@ from megatron.core.transformer.spec_utils import build_module
 from torch import nn
 
 from mllm_mega.models.common.attention import make_packed_seq_params
-from mllm_mega.models.common.norm import TorchLayerNorm, TorchRMSNorm
+from mllm_mega.models.common.norm import TorchLayerNorm, TorchRMSNorm, TritonRMSNorm
 from mllm_mega.models.qwen2_vl.configuration import VisionArch
 from mllm_mega.models.qwen2_vl.spec import layer_spec
 
@@ -70,11 +70,13 @@ def window_partition(grid_thw: torch.Tensor, merge: int, window_units: int):
 class PatchMerger(MegatronModule):
     """norm -> group 2x2 patches -> Linear -> GELU -> Linear (column/row parallel)."""
 
-    def __init__(self, config, arch: VisionArch):
+    def __init__(self, config, arch: VisionArch, kernels: str = "torch"):
         super().__init__(config=config)
         unit = arch.spatial_merge_size ** 2
         self.merged_size = arch.hidden_size * unit
-        norm_cls = TorchRMSNorm if arch.norm == "rmsnorm" else TorchLayerNorm
+        # the same kernel switch as the layer specs (LayerNorm has no Triton kernel: torch's either way)
+        rms_cls = TritonRMSNorm if kernels == "triton" else TorchRMSNorm
+        norm_cls = rms_cls if arch.norm == "rmsnorm" else TorchLayerNorm
         self.ln_q = norm_cls(hidden_size=arch.hidden_size, eps=1e-6)
         self.fc1 = ColumnParallelLinear(self.merged_size, self.merged_size, config=config,
                                         init_method=config.init_method, bias=True, gather_output=False)
@@ -102,7 +104,7 @@ class VisionTransformer(MegatronModule):
         self.layers = nn.ModuleList(
             [build_module(spec, config=config, layer_number=i + 1) for i in range(arch.depth)]
         )
-        self.merger = PatchMerger(config, arch)
+        self.merger = PatchMerger(config, arch, kernels=kernels)
         quarter = arch.head_dim // 4
         f = 1.0 / (arch.rope_theta ** (torch.arange(0, 2 * quarter, 2, dtype=torch.float) / (2 * quarter)))
         self.register_buffer("rope_inv_freq", torch.cat([f, f]), persistent=False)
