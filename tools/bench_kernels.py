@@ -43,8 +43,7 @@ CPU_BANNER = "CPU / TRITON_INTERPRET: correctness-only, timings meaningless"
 # ---- timing ---------------------------------------------------------------------------------------
 def measure(fn, warmup=3, iters=10):
     """(median ms, peak extra MiB). CUDA events on GPU; one wall-clock run under the interpreter."""
-    if not CUDA:
-        fn()  # first call builds caches (tile schedules)
+    if not CUDA:  # one call (cache building included): interpreted timings are meaningless anyway
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3, float("nan")
