@@ -154,8 +154,8 @@ def stage_bench_kernels(r: Runner) -> None:
         return
     data = _last_json(os.path.join(r.out, rec["log"]))
     rec["device"], rec["cpu_interpreter"] = data["device"], data["cpu_interpreter"]
-    rec["records"] = [{k: x.get(k) for k in ("workload", "impl", "pass", "ms", "tflops", "gbps", "err_vs_first",
-                                             "skipped")} for x in data["records"]]
+    keys = ("workload", "impl", "pass", "ms", "tflops", "gbps", "err_vs_first", "skipped")
+    rec["records"] = [{k: x[k] for k in keys if k in x} for x in data["records"]]
     if not rec["records"] or data["cpu_interpreter"] != r.dry:
         r.fail("bench_kernels", f"{len(rec['records'])} records, cpu_interpreter={data['cpu_interpreter']}")
 
