@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -178,6 +179,7 @@ def stage_bench_data(r: Runner) -> None:
 
 def stage_dataset(r: Runner) -> str:
     data = os.path.join(r.out, "data")
+    shutil.rmtree(data, ignore_errors=True)
     size = ["56", "112"] if r.dry else ["224", "448"]  # GPU: 16-32 patches a side, a real ViT load
     num = "30" if r.dry else "1500"
     r.run("dataset", _py("tools/make_synthetic_dataset.py", "--out", data, "--num", num, "--num-eval", "2",
@@ -188,6 +190,7 @@ def stage_dataset(r: Runner) -> str:
 def stage_train(r: Runner, data: str, kernels: str) -> None:
     name = f"train_{kernels}"
     run_dir = os.path.join(r.out, name)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a rerun into the same OUT_DIR must not mix metrics
     overrides = [f"run_dir={run_dir}", f"model.kernels={kernels}", f"data.data_path={data}/train",
                  f"data.tokenizer_dir={data}/tokenizer", "checkpoint.resume=false"]
     env = {}
