@@ -115,6 +115,12 @@ class TrainConfig:
     """Stop after this many steps in a row whose loss or gradients are NaN/Inf (each one is skipped)."""
     inject_nan_at: list[int] = field(default_factory=list)
     """Testing aid: iterations (1-based) whose loss is made NaN, to exercise the NaN guard."""
+    inject_nan_grad_at: list[int] = field(default_factory=list)
+    """Testing aid: iterations (1-based) where one gradient element on global rank 0 only is made NaN after the
+    backward pass (the loss stays finite), to exercise the gradient half of the NaN guard."""
+    same_data_at_any_dp: bool = False
+    """Testing aid: every DP rank reads the whole (DP-size-1) data stream and keeps its share of each global
+    batch, so runs at different DP sizes see the same global batches (DP x the data work)."""
     eval_num_captions: int = 4
     """Held-out images captioned with greedy decoding at the end of the run (0 = none)."""
     eval_max_new_tokens: int = 24

@@ -70,7 +70,10 @@ class Trainer:
                        "llm": cfg.stage.freeze_llm}
         self.ddp = setup.wrap_ddp(self.model, cfg)
         self.optimizer, self.scheduler = setup.build_optimizer(self.ddp, cfg, self.dtype)
-        self.loader = build_train_loader(cfg.data, dp_rank=self.dp_rank, dp_size=self.dp_size,
+        # same_data_at_any_dp (testing aid): every rank reads the DP-1 stream and keeps its share of each batch
+        self.shared_stream = cfg.train.same_data_at_any_dp and self.dp_size > 1
+        loader_dp = (0, 1) if self.shared_stream else (self.dp_rank, self.dp_size)
+        self.loader = build_train_loader(cfg.data, dp_rank=loader_dp[0], dp_size=loader_dp[1],
                                          spatial_merge_size=self.arch.vision.spatial_merge_size,
                                          tokens_per_second=self.arch.vision.tokens_per_second
                                          if self.arch.family == "qwen2_5_vl" else None)
@@ -240,7 +243,11 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------------------
     def _next_microbatches(self) -> tuple[list[dict], float, dict]:
         mbs = self.cfg.train.micro_batch_size
-        packs = [next(self.loader) for _ in range(self.num_microbatches * mbs)]
+        if self.shared_stream:  # the global batch in DP-1 order; this rank's contiguous share of it
+            share = self.num_microbatches * mbs
+            packs = [next(self.loader) for _ in range(share * self.dp_size)][self.dp_rank * share:][:share]
+        else:
+            packs = [next(self.loader) for _ in range(self.num_microbatches * mbs)]
         flops = sum(pack_flops(self.arch, p, self.multipliers) for p in packs)
         counts = {"real_tokens": sum(int(p["num_real_tokens"]) for p in packs),
                   "samples": sum(int(p["num_samples"]) for p in packs)}
@@ -269,7 +276,8 @@ class Trainer:
                 micro, flops, counts = self._next_microbatches()
                 iteration += 1
                 result = train_step(self.ddp, self.optimizer, micro, kernels=self.kernels, dp_group=self.dp_group,
-                                    inject_nan=iteration in cfg.train.inject_nan_at)
+                                    inject_nan=iteration in cfg.train.inject_nan_at,
+                                    inject_nan_grad=iteration in cfg.train.inject_nan_grad_at)
                 if result["skipped"]:
                     self.nan_skipped_steps += 1
                     self.nan_in_a_row += 1
