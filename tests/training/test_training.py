@@ -29,9 +29,10 @@ def test_same_loss_at_tp2_and_pp2(initial, tmp_path, layout):
     ref, got = metrics(initial["run_dir"]), metrics(run_dir)
     assert len(got) == 3
     for a, b in zip(ref, got):
-        # fp32; TP/PP change the reduction order of the matmuls and the loss (~1e-7 relative)
-        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["loss"], b["loss"])
-        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4), (a["grad_norm"], b["grad_norm"])
+        # fp32; TP/PP change the reduction order of the matmuls: measured loss rel diff 0 (3 steps, TP2 and PP2),
+        # grad norm rel diff 3e-8 - 1.8e-7
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-6), (a["loss"], b["loss"])
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-6), (a["grad_norm"], b["grad_norm"])
         assert a["loss_weight_sum"] == b["loss_weight_sum"]
     # the run's checkpoint (model + optimizer, saved at this layout) exports to HF and matches HF's logits
     hf = str(tmp_path / "hf")
@@ -45,7 +46,8 @@ def test_same_loss_at_tp2_and_pp2(initial, tmp_path, layout):
     transformers.AutoImageProcessor.from_pretrained(hf)
     res = run_cmd(["tools/convert_checkpoint.py", "verify", "--hf-dir", hf, "--load", f"{run_dir}/checkpoints"])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert float(res.stdout.strip().splitlines()[-1].split()[0].split("=")[1]) < 1e-4
+    # fp32: measured ~3e-7; a tanh-approximate GELU in the merger gives 3.6e-5
+    assert float(res.stdout.strip().splitlines()[-1].split()[0].split("=")[1]) < 1e-6
 
 
 def test_microbatch_split_invariance(initial, tmp_path):
