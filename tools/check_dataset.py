@@ -66,7 +66,10 @@ def main(argv=None):
                           epochs=1, max_consecutive_skips=0)  # one pass that reports every skip
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
-    summary = check(cfg, show_skips=args.show_skips)
+    try:
+        summary = check(cfg, show_skips=args.show_skips)
+    except FileNotFoundError as exc:  # a wrong data path: named, no traceback
+        parser.exit(2, f"error: {exc}\n")
     print(json.dumps(summary))
 
 
