@@ -38,7 +38,13 @@ CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 RESCALE = 1 / 255
 
-IMAGE_FORMATS = {"JPEG", "PNG", "WEBP"}
+IMAGE_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"}
+# decoded with PIL on every backend, so both backends give the same pixels: GIF (DALI has no GIF decoder; the
+# first frame is used, as transformers' load_image does), BMP and TIFF (rare; PIL's reading is the reference)
+PIL_ONLY_FORMATS = {"GIF", "BMP", "TIFF"}
+# PIL names a JPEG with a multi-picture (MPF) segment, as most phone cameras write, "MPO": it is a baseline
+# JPEG whose first picture is the primary image, which is what both PIL and DALI decode
+FORMAT_ALIASES = {"MPO": "JPEG"}
 EXIF_ORIENTATION = 0x0112
 TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
@@ -96,6 +102,30 @@ def _webp_complete(data: bytes) -> bool:
     return len(data) >= 12 and int.from_bytes(data[4:8], "little") + 8 <= len(data)
 
 
+def _gif_complete(data: bytes) -> bool:
+    return data.rstrip(b"\x00")[-1:] == b";"  # the GIF trailer
+
+
+def _bmp_complete(data: bytes) -> bool:
+    return len(data) >= 6 and int.from_bytes(data[2:6], "little") <= len(data)
+
+
+_COMPLETE = {"JPEG": _jpeg_complete, "PNG": _png_complete, "WEBP": _webp_complete, "GIF": _gif_complete,
+             "BMP": _bmp_complete, "TIFF": lambda data: True}  # TIFF: no end marker; decoding catches a cut
+
+
+def _orientation(img: Image.Image, fmt: str) -> int:
+    """The EXIF orientation both decoders apply (PIL's exif_transpose, DALI), read without decoding pixels."""
+    if fmt == "TIFF":
+        return int(img.getexif().get(EXIF_ORIENTATION, 1))  # a tag of the TIFF directory itself
+    raw = img.info.get("exif")  # JPEG APP1, WebP EXIF chunk, PNG eXIf chunk (before the image data)
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    exif.load(raw)
+    return int(exif.get(EXIF_ORIENTATION, 1))
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     """What an image header says: decoded size (EXIF rotation applied), format, transparency."""
@@ -104,6 +134,11 @@ class ImageInfo:
     width: int
     format: str
     has_alpha: bool
+
+    @property
+    def decode_with_pil(self) -> bool:
+        """Transparency (composited onto white, as HF does) or a format only PIL decodes here."""
+        return self.has_alpha or self.format in PIL_ONLY_FORMATS
 
 
 def inspect_image(data: bytes, *, min_side: int = 1) -> ImageInfo:
@@ -117,15 +152,14 @@ def inspect_image(data: bytes, *, min_side: int = 1) -> ImageInfo:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as img:
-                fmt, (width, height) = img.format, img.size
-                orientation = img.getexif().get(EXIF_ORIENTATION, 1) if fmt == "JPEG" else 1
+                fmt, (width, height) = FORMAT_ALIASES.get(img.format, img.format), img.size
+                orientation = _orientation(img, fmt) if fmt in IMAGE_FORMATS else 1
                 has_alpha = _has_alpha(img)
     except Exception as exc:  # PIL raises many types for garbage (UnidentifiedImageError, SyntaxError, ...)
         raise BadSample("image_unreadable", f"cannot read image header: {exc}") from None
     if fmt not in IMAGE_FORMATS:
         raise BadSample("image_unreadable", f"unsupported image format {fmt}")
-    complete = {"JPEG": _jpeg_complete, "PNG": _png_complete, "WEBP": _webp_complete}[fmt]
-    if not complete(data):
+    if not _COMPLETE[fmt](data):
         raise BadSample("image_truncated", f"{fmt} data ends before its end marker ({len(data)} bytes)")
     if orientation in TRANSPOSED_ORIENTATIONS:
         height, width = width, height
@@ -142,6 +176,9 @@ def probe_image(data: bytes, *, min_side: int = 1) -> tuple[int, int]:
     return info.height, info.width
 
 
+HIGH_BIT_GREY_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # 16-bit grey, or PIL's 32-bit view of it
+
+
 def _has_alpha(img: Image.Image) -> bool:
     # transformers' convert_to_rgb rule: an alpha band, or a palette/grey image with a transparent colour
     return "A" in img.getbands() or img.info.get("transparency") is not None
@@ -152,10 +189,16 @@ def decode_image_pil(data: bytes) -> np.ndarray:
 
     This is what the HF processor makes of the image (its convert_to_rgb composites onto white); DALI
     decodes opaque images identically, images with transparency are always decoded here.
+    16-bit greyscale (PNG/TIFF) is scaled to 8 bits as round(v / 257), as DALI does; PIL's own
+    ``convert("RGB")`` (and so the HF processor given such a PIL image) clips every value above 255 to white.
+    16-bit RGB PNGs are read by PIL as their high bytes, which is DALI's rounding within one level.
     """
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         img = ImageOps.exif_transpose(img)
+        if img.mode in HIGH_BIT_GREY_MODES:
+            grey = np.round(np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8)
+            return np.repeat(grey[:, :, None], 3, axis=2)
         if _has_alpha(img):
             rgba = img.convert("RGBA")
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
