@@ -75,7 +75,7 @@ class PatchMerger(MegatronModule):
         unit = arch.spatial_merge_size ** 2
         self.merged_size = arch.hidden_size * unit
         norm_cls = TorchRMSNorm if arch.norm == "rmsnorm" else TorchLayerNorm
-        self.ln_q = norm_cls(hidden_size=arch.hidden_size, eps=1e-6)
+        self.ln_q = norm_cls(config, hidden_size=arch.hidden_size, eps=1e-6)
         self.fc1 = ColumnParallelLinear(self.merged_size, self.merged_size, config=config,
                                         init_method=config.init_method, bias=True, gather_output=False)
         self.fc2 = RowParallelLinear(self.merged_size, arch.out_hidden_size, config=config,
@@ -97,7 +97,7 @@ class VisionTransformer(MegatronModule):
         self.arch = arch
         self.merge = arch.spatial_merge_size
         # A Conv3d with stride == kernel over (C, T, P, P) patches is a matmul over the flattened patch.
-        self.patch_embed = nn.Linear(arch.patch_dim, arch.hidden_size, bias=False)
+        self.patch_embed = nn.Linear(arch.patch_dim, arch.hidden_size, bias=False, dtype=config.params_dtype)
         spec = layer_spec(causal=False, norm=arch.norm, kernels=kernels)
         self.layers = nn.ModuleList(
             [build_module(spec, config=config, layer_number=i + 1) for i in range(arch.depth)]
