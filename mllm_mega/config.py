@@ -21,6 +21,7 @@ from mllm_mega.data.config import DataConfig
 TINY_ARCHS = ("tiny_qwen2_5_vl", "tiny_qwen2_vl")
 KERNELS = ("auto", "torch", "triton")
 DTYPES = ("auto", "float32", "bfloat16")
+RECOMPUTE = ("none", "selective", "full")
 
 # stage -> (freeze_vision, freeze_merger, freeze_llm, lr_mult_vision, lr_mult_merger, lr_mult_llm)
 STAGE_PRESETS = {
@@ -44,10 +45,25 @@ class ModelConfig:
     """Parameter/compute dtype: auto (bfloat16 on GPU with fp32 master weights, float32 on CPU)."""
     tiny_overrides: dict = field(default_factory=dict)
     """Overrides of the tiny text config (e.g. hidden_size, num_hidden_layers); tiny archs only."""
+    recompute_llm: str = "none"
+    """Activation recomputation in the LLM: none | selective (megatron's core_attn recompute: our RoPE +
+    packed-attention slot is re-run in the backward) | full (whole layers re-run, see recompute_method)."""
+    recompute_vision: str = "none"
+    """The same for the ViT layers: none | selective | full."""
+    recompute_method: str = "uniform"
+    """Full recompute only: uniform (every layer, in chunks of recompute_num_layers) | block (only the first
+    recompute_num_layers layers of each pipeline stage, and of the ViT)."""
+    recompute_num_layers: int = 1
+    """Full recompute only: layers per checkpointed chunk (uniform; must divide the layers per stage) or
+    layers recomputed per stage (block)."""
 
     def __post_init__(self):
         _choice("model.kernels", self.kernels, KERNELS)
         _choice("model.dtype", self.dtype, DTYPES)
+        for name in ("recompute_llm", "recompute_vision"):
+            _choice(f"model.{name}", getattr(self, name), RECOMPUTE)
+        _choice("model.recompute_method", self.recompute_method, ("uniform", "block"))
+        _positive("model", self, "recompute_num_layers")
         if self.tiny_overrides and self.arch not in TINY_ARCHS:
             raise ValueError(f"model.tiny_overrides only applies to {TINY_ARCHS}, not arch={self.arch!r}")
 

@@ -65,6 +65,15 @@ def resolve_arch(cfg: Config, text) -> ModelArch:
     return arch
 
 
+def recompute_of(cfg: Config) -> dict:
+    """build_model's recompute_vision / recompute_llm from the config."""
+    from mllm_mega.models.qwen2_vl.configuration import Recompute
+
+    m = cfg.model
+    return {f"recompute_{tower}": Recompute(getattr(m, f"recompute_{tower}"), m.recompute_method,
+                                            m.recompute_num_layers) for tower in ("vision", "llm")}
+
+
 def layout_of(cfg: Config) -> ParallelLayout:
     p = cfg.parallel
     return ParallelLayout(p.tp, p.pp, sequence_parallel=p.sequence_parallel,

@@ -58,7 +58,8 @@ class Trainer:
         self.arch = setup.resolve_arch(cfg, self.text)
         self.dtype = setup.resolve_dtype(cfg)
         self.kernels = cfg.model.kernels
-        self.model = build_model(self.arch, setup.layout_of(cfg), kernels=self.kernels, params_dtype=self.dtype)
+        self.model = build_model(self.arch, setup.layout_of(cfg), kernels=self.kernels, params_dtype=self.dtype,
+                                 **setup.recompute_of(cfg))
         self.start_iteration = 0
         resume_from = ckpt.latest_iteration(self.ckpt_dir) if cfg.checkpoint.resume and \
             os.path.isdir(self.ckpt_dir) else None
