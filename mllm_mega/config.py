@@ -82,9 +82,21 @@ class ParallelConfig:
     """LLM layers on the first stage (which also runs the ViT); None = even split."""
     distributed_optimizer: bool = True
     """Shard optimizer state and fp32 master weights over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Reduce(-scatter) each gradient bucket over DP as soon as its grads are ready, during the backward."""
+    overlap_param_gather: bool = False
+    """Distributed optimizer: all-gather the updated parameters bucket by bucket during the next forward
+    instead of at the end of the optimizer step (needs distributed_optimizer and overlap_grad_reduce)."""
+    ddp_bucket_size: int | None = None
+    """Parameters per gradient/parameter bucket when overlapping; None = megatron's max(40M, 1M x DP)."""
 
     def __post_init__(self):
         _positive("parallel", self, "tp", "pp")
+        if self.overlap_param_gather and not (self.distributed_optimizer and self.overlap_grad_reduce):
+            raise ValueError("parallel.overlap_param_gather needs parallel.distributed_optimizer and "
+                             "parallel.overlap_grad_reduce")
+        if self.ddp_bucket_size is not None:
+            _positive("parallel", self, "ddp_bucket_size")
 
 
 @dataclass
@@ -216,9 +228,19 @@ class LoggingConfig:
     """Write TensorBoard events to run_dir/tensorboard (when tensorboard is installed)."""
     peak_tflops: float | None = None
     """Per-device dense peak for MFU; None = known GPUs' bf16 peak (H100/H200 989), no MFU on CPU."""
+    wandb_project: str | None = None
+    """Weights & Biases project: also log every step there (when ``wandb`` is installed); None = no W&B."""
+    wandb_entity: str | None = None
+    """W&B entity (team or user); None = wandb's default."""
+    wandb_run_name: str | None = None
+    """W&B run name; None = the run directory's name. A resumed run continues the same W&B run."""
+    wandb_mode: str | None = None
+    """online | offline (no network; `wandb sync` later) | disabled; None = wandb's default / $WANDB_MODE."""
 
     def __post_init__(self):
         _positive("logging", self, "log_interval")
+        if self.wandb_mode is not None:
+            _choice("logging.wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
 
 
 @dataclass
