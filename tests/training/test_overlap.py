@@ -47,10 +47,9 @@ def overlap_runs(shapes, tmp_path_factory):
 def test_overlap_gives_the_same_training(overlap_runs):
     off, on = (metrics(r) for r in overlap_runs)
     assert len(off) == len(on) == 3
-    print([(a["loss"] - b["loss"], a["grad_norm"] / b["grad_norm"] - 1) for a, b in zip(off, on)])
     for a, b in zip(off, on):
         # 2 ranks: each gradient element is the same sum of two terms whatever the bucketing; only the order of
-        # the grad-norm sum over buckets changes (measured at step 1: loss identical, grad norm 3e-8 relative)
+        # the grad-norm sum over buckets changes (measured: losses identical, grad norms within 1.0e-7 relative)
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-6), (a, b)
         assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-6), (a, b)
     assert off[-1]["loss"] < off[0]["loss"]
@@ -59,11 +58,11 @@ def test_overlap_gives_the_same_training(overlap_runs):
 def test_overlap_param_gather_saves_the_updated_weights(overlap_runs):
     off, on = (_weights(r) for r in overlap_runs)
     assert off.keys() == on.keys()
-    diff = {k: (off[k].float() - on[k].float()).abs().max().item() for k in off}
-    frac = sum(int((off[k] != on[k]).sum()) for k in off) / sum(v.numel() for v in off.values())
-    print("max", max(diff.values()), "frac", frac)
-    # TBD measured
-    assert max(diff.values()) < 1e-2, sorted(diff.items(), key=lambda kv: -kv[1])[:5]
+    num_diff = {k: int((off[k] != on[k]).sum()) for k in off}
+    frac = sum(num_diff.values()) / sum(v.numel() for v in off.values())
+    # the grad norms' last-digit difference (clip factor) flips a few bf16 roundings: measured 2.6e-6 of the
+    # elements differ (max 6e-5); weights saved one step stale would differ in about half of them
+    assert frac < 1e-4, sorted(num_diff.items(), key=lambda kv: -kv[1])[:5]
 
 
 def test_overlap_param_gather_needs_the_distributed_optimizer():
