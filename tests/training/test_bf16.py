@@ -57,8 +57,8 @@ def test_bf16_trains_and_tracks_fp32(runs, name):
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses  # falling loss
     for a, b in zip(ref, got):
         assert a["loss_weight_sum"] == b["loss_weight_sum"]
-        # bf16 weights/activations vs fp32 from the same initial weights: measured max |diff| 1.1e-3 over the
-        # 20 steps at TP2 and at PP2 (2e-4 relative; the loss itself falls by ~1.0)
+        # bf16 weights/activations vs fp32 from the same initial weights: measured max |diff| 1.3e-3 over the
+        # 20 steps at TP2 and at PP2 (2e-4 relative; the loss itself falls from 6.21 to 5.28)
         assert abs(a["loss"] - b["loss"]) < 3e-3, (a["iteration"], a["loss"], b["loss"])
 
 
