@@ -132,6 +132,10 @@ def test_llava_converts_checks_and_resumes(inputs):
     assert third["shards_written"] == 1 and now["shard-000000.tar"] == stamps["shard-000000.tar"]
     assert now["shard-000002.tar"] != stamps["shard-000002.tar"]
     assert json.loads(_samples(out)["000000009"]["json"])["conversations"][2]["value"] == "Dark grey."
+    # a shorter input: the shards past its end go (they would still be read), the rest is kept
+    (root / "llava3.json").write_text(json.dumps(LLAVA[:6]))
+    fourth = prepare_dataset("llava", str(root / "llava3.json"), str(out), samples_per_shard=4)
+    assert _stamps(out) == {"shard-000000.tar": stamps["shard-000000.tar"]} and fourth["samples"] == 3
     with pytest.raises(ConvertError, match="samples_per_shard=4, this run has 5"):
         prepare_dataset("llava", str(root / "llava.json"), str(out), samples_per_shard=5)
 

@@ -47,7 +47,17 @@ class _Counter:
         if self.limit is not None and self.n >= self.limit:
             return None
         self.n += 1
-        return self.n, 0
+        return self, 0
+
+    def position(self):
+        return {"n": self.n}
+
+    def set_position(self, pos):
+        self.n = pos["n"]
+
+
+def _choices(blend, num):
+    return [blend.streams.index(blend.next()[0]) for _ in range(num)]
 
 
 def test_blend_counts_stay_within_one_sample_of_the_weights():
@@ -62,6 +72,14 @@ def test_blend_counts_stay_within_one_sample_of_the_weights():
     for _ in range(10):
         blend.next()
     assert blend.counts == [8, 2]
+    # resume mid-period (7 draws of a 3:1 blend): the same choices follow
+    blend = BlendedStream([_Counter(), _Counter()], [3, 1], ["x", "y"])
+    _choices(blend, 7)
+    state = json.loads(json.dumps(blend.position()))
+    want = _choices(blend, 20)
+    resumed = BlendedStream([_Counter(), _Counter()], [3, 1], ["x", "y"])
+    resumed.set_position(state)
+    assert _choices(resumed, 20) == want and resumed.counts == blend.counts
 
 
 def test_mixture_ratio_counts_and_exact_resume(two_datasets):
@@ -93,8 +111,8 @@ def test_mixture_ratio_counts_and_exact_resume(two_datasets):
         for name, value in want.items():
             if isinstance(value, torch.Tensor):
                 assert torch.equal(got[name], value), name
+    resumed.close()  # the prefetch thread has run ahead: the stats must still be those of the batches handed out
     assert resumed.stats == loader.stats
-    resumed.close()
     with pytest.raises(ValueError, match="datasets"):  # a state of another mixture is refused
         build_train_loader(_cfg(two_datasets, datasets=[{"path": str(two_datasets / "a" / "train"), "name": "a"},
                                                         {"path": str(two_datasets / "b"), "name": "b"}]),
