@@ -338,7 +338,13 @@ def prepare_dataset(fmt: str, input_path: str, out: str, *, image_root: str | No
     rows = read_rows(input_path)
     if not rows:
         raise ConvertError(f"{input_path}: no rows")
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise ConvertError(f"cannot create the output folder {out!r}: {exc}") from None
+    for name in os.listdir(out):  # left by a killed run (one conversion per folder at a time)
+        if re.fullmatch(r"(shard-\d+\.tar|manifest\.json|report\.json)\.tmp-\d+", name):
+            os.unlink(os.path.join(out, name))
     options = {"version": MANIFEST_VERSION, "format": fmt, "samples_per_shard": samples_per_shard,
                "image_root": root}
     previous = _load_manifest(out, options)

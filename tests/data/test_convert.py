@@ -117,10 +117,11 @@ def test_llava_converts_checks_and_resumes(inputs):
     nine = samples["000000009"]
     assert nine["png"] == images["b.png"] and json.loads(nine["json"])["conversations"] == LLAVA[9]["conversations"]
 
-    # rerun with the same input: nothing rewritten, the same report
+    # rerun with the same input: nothing rewritten, the same report; a killed run's temporary file is cleared
     stamps = _stamps(out)
+    (out / "shard-000001.tar.tmp-99").write_bytes(b"partial")
     again = prepare_dataset("llava", str(root / "llava.json"), str(out), samples_per_shard=4, workers=2)
-    assert _stamps(out) == stamps and again["shards_written"] == 0
+    assert _stamps(out) == stamps and again["shards_written"] == 0 and not (out / "shard-000001.tar.tmp-99").exists()
     assert {k: v for k, v in again.items() if not k.startswith("shards_")} == \
         {k: v for k, v in report.items() if not k.startswith("shards_")}
     # one changed row: only its shard is rewritten, with the new text
@@ -201,6 +202,7 @@ def test_bad_input_exits_2(inputs, tmp_path, capsys):
         (["--input", str(tmp_path / "bad.json"), "--out", str(tmp_path / "o")], "bad.json: not valid JSON"),
         (["--input", str(root / "llava.json"), "--out", str(tmp_path / "stray")], "no manifest.json"),
         (["--input", str(root / "llava.json"), "--out", str(tmp_path / "o"), "--samples-per-shard", "0"], ">= 1"),
+        (["--input", str(root / "llava.json"), "--out", str(root / "llava.json")], "cannot create the output folder"),
     ]:
         with pytest.raises(SystemExit) as exc:
             prepare_cli.main(["--format", "llava", *argv])
