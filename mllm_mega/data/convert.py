@@ -240,7 +240,8 @@ def read_rows(path: str) -> list:
                 raise ConvertError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
             return rows
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
+    # split on newlines only: str.splitlines would also cut at U+2028 etc., which JSON strings may hold raw
+    for number, line in enumerate(text.split("\n"), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))

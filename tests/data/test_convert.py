@@ -50,8 +50,8 @@ LLAVA_BAD = {3: "missing_image_file", 4: "placeholder_mismatch", 5: "unknown_rol
              7: "malformed_row", 8: "malformed_row", 10: "unsupported_media", 11: "empty_conversation"}
 
 MESSAGES = [
-    json.dumps({"messages": [{"role": "user", "content": "<image>Describe."}, {"role": "assistant", "content": "Dots."}],
-                "images": ["imgs/a.jpg"]}),
+    json.dumps({"messages": [{"role": "user", "content": "<image>Describe.\u2028"},
+                             {"role": "assistant", "content": "Dots."}], "images": ["imgs/a.jpg"]}, ensure_ascii=False),
     json.dumps({"messages": [{"role": "user", "content": [{"type": "image", "image": "imgs/b.png"},
                                                           {"type": "text", "text": "What?"}]},
                              {"role": "assistant", "content": [{"type": "text", "text": "A square."}]}]}),
@@ -80,7 +80,7 @@ def inputs(tmp_path_factory):
         _image(root / "imgs" / f"f{i}.jpg", 32, 32, "JPEG", 2 + i)
     (root / "imgs" / "c.gif").write_bytes(b"GIF89a")
     (root / "llava.json").write_text(json.dumps(LLAVA))
-    (root / "messages.jsonl").write_text("\n".join(MESSAGES) + "\n")
+    (root / "messages.jsonl").write_text("\n".join(MESSAGES) + "\n", encoding="utf-8")
     synthetic.train_tokenizer(["what is this", "noise hello grey dots"], str(root / "tok"), vocab_size=300)
     return root, images
 
