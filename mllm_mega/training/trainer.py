@@ -58,7 +58,8 @@ class Trainer:
         self.arch = setup.resolve_arch(cfg, self.text)
         self.dtype = setup.resolve_dtype(cfg)
         self.kernels = cfg.model.kernels
-        self.model = build_model(self.arch, setup.layout_of(cfg), kernels=self.kernels, params_dtype=self.dtype)
+        self.model = build_model(self.arch, setup.layout_of(cfg), kernels=self.kernels, params_dtype=self.dtype,
+                                 **setup.recompute_of(cfg))
         self.start_iteration = 0
         resume_from = ckpt.latest_iteration(self.ckpt_dir) if cfg.checkpoint.resume and \
             os.path.isdir(self.ckpt_dir) else None
@@ -118,6 +119,8 @@ class Trainer:
     def save(self, iteration: int) -> None:
         """Collective save of everything a resume needs (model only at iteration 0: no optimizer state yet)."""
         ckpt.finalize_async_saves(self.async_queue, blocking=True)
+        if self.cfg.parallel.overlap_param_gather:  # the last step's update is not gathered until a forward
+            self.ddp.start_param_sync(force_sync=True)
         if self.rank == 0:
             ckpt.write_meta(self.ckpt_dir, {"hf_config": self.arch.hf_config, "source_dtype": str(self.dtype)[6:],
                                             "source": f"training run {os.path.abspath(self.cfg.run_dir)}"})
@@ -256,8 +259,11 @@ class Trainer:
 
     def train(self) -> int:
         cfg = self.cfg
-        logger = MetricsLogger(cfg.run_dir, log_interval=cfg.logging.log_interval,
-                               tensorboard=cfg.logging.tensorboard, max_steps=cfg.train.max_steps) \
+        lg = cfg.logging
+        wandb = {"project": lg.wandb_project, "entity": lg.wandb_entity, "name": lg.wandb_run_name,
+                 "mode": lg.wandb_mode}
+        logger = MetricsLogger(cfg.run_dir, log_interval=lg.log_interval, tensorboard=lg.tensorboard,
+                               max_steps=cfg.train.max_steps, wandb=wandb, config=cfg.to_dict()) \
             if self.rank == 0 else None
         iteration, last_saved = self.start_iteration, self.start_iteration
         if cfg.checkpoint.save_initial and iteration == 0:
