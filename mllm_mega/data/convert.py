@@ -17,7 +17,7 @@ Relative paths are under ``image_root`` (default: the input file's folder); URLs
 
 Output, the sample format of samples.py (key = the row's 0-based index, nine digits): a ``json`` field
 {"conversations": [{"from": "human" | "gpt" | "system", "value": str}], "id": <the row's id, if any>} with the
-placeholders kept as ``<image>`` / ``<video>``; images as ``jpg`` / ``png`` / ``webp`` (several: ``0.jpg``,
+placeholders kept as ``<image>`` / ``<video>``; images as ``jpg`` / ``png`` / ``webp`` / ``gif`` / ``bmp`` / ``tiff`` (several: ``0.jpg``,
 ``1.png``, ...), videos as ``video0.mp4`` or frames ``video0.000.jpg``, ...; every file copied byte for byte.
 
 Preference pairs (trained on by the preference objective, not by the next-token loader): the same, with the
@@ -54,7 +54,8 @@ BAD_ROW_REASONS = {
     "missing_image_file": "an image or video file that does not exist or cannot be read (or a URL)",
     "unsupported_media": "an image or video file type the loader does not read",
 }
-IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}  # samples.py's image fields
+IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".gif": "gif", ".bmp": "bmp",
+                    ".tif": "tiff", ".tiff": "tiff"}  # samples.py's image fields
 VIDEO_EXTENSIONS = {".mp4": "mp4", ".webm": "webm", ".mkv": "mkv", ".mov": "mov", ".avi": "avi"}
 _FROM = {"user": "human", "assistant": "gpt", "system": "system"}  # ROLES' targets -> LLaVA's "from"
 

@@ -43,7 +43,7 @@ LLAVA = [
     {"id": "r8", "conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}]},
     {"id": "r9", "image": "imgs/b.png",
      "conversations": _conv(("system", "Be brief."), ("human", "<image>Colour?"), ("gpt", "Grey."))},
-    {"id": "r10", "image": "imgs/c.gif", "conversations": _conv(("human", "<image>"), ("gpt", "x"))},
+    {"id": "r10", "image": "imgs/c.heic", "conversations": _conv(("human", "<image>"), ("gpt", "x"))},
     {"id": "r11", "image": "imgs/a.jpg", "conversations": _conv(("human", "<image>\nOnly a question"))},
 ]
 LLAVA_BAD = {3: "missing_image_file", 4: "placeholder_mismatch", 5: "unknown_role", 6: "empty_conversation",
@@ -78,7 +78,7 @@ def inputs(tmp_path_factory):
               "b.png": _image(root / "imgs" / "b.png", 36, 30, "PNG", 1)}
     for i in range(2):
         _image(root / "imgs" / f"f{i}.jpg", 32, 32, "JPEG", 2 + i)
-    (root / "imgs" / "c.gif").write_bytes(b"GIF89a")
+    (root / "imgs" / "c.heic").write_bytes(b"\0\0\0\x18ftypheic")
     (root / "llava.json").write_text(json.dumps(LLAVA))
     (root / "messages.jsonl").write_text("\n".join(MESSAGES) + "\n", encoding="utf-8")
     synthetic.train_tokenizer(["what is this", "noise hello grey dots"], str(root / "tok"), vocab_size=300)
@@ -209,3 +209,14 @@ def test_bad_input_exits_2(inputs, tmp_path, capsys):
         err = capsys.readouterr().err
         assert exc.value.code == 2 and "error: " in err and message in err, (argv, err)
     assert not (tmp_path / "stray" / "manifest.json").exists()  # nothing written on a refused --out
+
+
+def test_written_field_names_are_the_loaders():
+    from mllm_mega.data import samples
+    from mllm_mega.data.convert import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+
+    for ext in set(IMAGE_EXTENSIONS.values()):
+        assert samples._IMAGE_FIELD.match(ext) and samples._IMAGE_FIELD.match(f"1.{ext}"), ext
+        assert samples._FRAME_FIELD.match(f"video0.000.{ext}"), ext
+    for ext in set(VIDEO_EXTENSIONS.values()):
+        assert samples._VIDEO_FILE_FIELD.match(f"video0.{ext}"), ext
