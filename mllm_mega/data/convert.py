@@ -56,6 +56,7 @@ BAD_ROW_REASONS = {
 }
 IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".gif": "gif", ".bmp": "bmp",
                     ".tif": "tiff", ".tiff": "tiff"}  # samples.py's image fields
+FRAME_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}  # samples.py's video frames
 VIDEO_EXTENSIONS = {".mp4": "mp4", ".webm": "webm", ".mkv": "mkv", ".mov": "mov", ".avi": "avi"}
 _FROM = {"user": "human", "assistant": "gpt", "system": "system"}  # ROLES' targets -> LLaVA's "from"
 
@@ -155,7 +156,7 @@ def _media_fields(images: list, videos: list, root: str) -> dict[str, bytes]:
     for i, video in enumerate(videos):
         if isinstance(video, list):  # a video given as its frames
             for j, frame in enumerate(video):
-                ext, data = _read(frame, root, IMAGE_EXTENSIONS, "video frame")
+                ext, data = _read(frame, root, FRAME_EXTENSIONS, "video frame")
                 fields[f"video{i}.{j:03d}.{ext}"] = data
         else:
             ext, data = _read(video, root, VIDEO_EXTENSIONS, "video")

@@ -213,10 +213,11 @@ def test_bad_input_exits_2(inputs, tmp_path, capsys):
 
 def test_written_field_names_are_the_loaders():
     from mllm_mega.data import samples
-    from mllm_mega.data.convert import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+    from mllm_mega.data.convert import FRAME_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
     for ext in set(IMAGE_EXTENSIONS.values()):
         assert samples._IMAGE_FIELD.match(ext) and samples._IMAGE_FIELD.match(f"1.{ext}"), ext
+    for ext in set(FRAME_EXTENSIONS.values()):
         assert samples._FRAME_FIELD.match(f"video0.000.{ext}"), ext
     for ext in set(VIDEO_EXTENSIONS.values()):
         assert samples._VIDEO_FILE_FIELD.match(f"video0.{ext}"), ext
