@@ -408,7 +408,7 @@ def _apply_synthetic_defaults(cfg: Config) -> None:
     d = cfg.synthetic.dir
     if not d:
         return
-    if not cfg.data.data_path:
+    if not cfg.data.data_path and not cfg.data.datasets:
         cfg.data.data_path = os.path.join(d, "train")
     if not cfg.data.tokenizer_dir:
         cfg.data.tokenizer_dir = os.path.join(d, "tokenizer")

@@ -49,6 +49,7 @@ def check(cfg: DataConfig, *, show_skips: int = 20, progress: bool = True) -> di
         "seq_len": cfg.seq_len,
         "shards": len(loader.shards),
         "decoder": loader.decoder_name,
+        **({"per_dataset": stats["per_dataset"]} if "per_dataset" in stats else {}),  # data.datasets mixtures
     }
 
 

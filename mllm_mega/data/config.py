@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import difflib
+import glob
+import os
 from dataclasses import dataclass
 
 LOSS_REWEIGHTING = ("token", "sample", "square")
@@ -18,6 +19,10 @@ class DataConfig:
 
     data_path: str | list[str] = ""
     """Training shards: a directory of .tar files, a glob, a file, or a list of those."""
+    datasets: list[dict] | None = None
+    """A weighted mixture instead of data_path: [{path, weight, name}, ...] (path as data_path; weight > 0, default 1;
+    name unique, default the path's basename). Blended by weight, each dataset sharded and repeated on its own
+    (mixture.py)."""
     tokenizer_dir: str = ""
     """Hugging Face tokenizer directory (tokenizer.json + tokenizer_config.json with a chat template)."""
     eval_data_path: str | list[str] | None = None
@@ -79,6 +84,10 @@ class DataConfig:
     def __post_init__(self):
         if isinstance(self.data_path, (list, tuple)):
             self.data_path = [str(p) for p in self.data_path]
+        if self.datasets is not None:
+            if self.data_path:
+                raise ValueError("give either data_path or datasets, not both")
+            self.datasets = _check_datasets(self.datasets)
         if isinstance(self.jpeg_quality, list):
             self.jpeg_quality = tuple(self.jpeg_quality)
         _positive(self, "seq_len", "min_pixels", "max_pixels", "video_min_pixels", "video_max_pixels",
@@ -142,6 +151,43 @@ class DataConfig:
         return dataclasses.asdict(self)
 
 
+DATASET_KEYS = ("path", "weight", "name")
+
+
+def _check_datasets(entries) -> list[dict]:
+    """data.datasets normalised to [{"path", "weight" (float), "name"}]; errors name the entry."""
+    if not isinstance(entries, (list, tuple)) or not entries:
+        raise ValueError(f"datasets must be a non-empty list of {{path, weight, name}} mappings, got {entries!r}")
+    out, names = [], {}
+    for i, entry in enumerate(entries):
+        where = f"datasets[{i}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be a mapping with keys {DATASET_KEYS}, got {entry!r}")
+        for key in entry:
+            if key not in DATASET_KEYS:
+                near = difflib.get_close_matches(str(key), DATASET_KEYS, n=1)
+                raise ValueError(f"{where}: unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else ""))
+        path = entry.get("path")
+        paths = [path] if isinstance(path, str) else path
+        if not paths or not isinstance(paths, (list, tuple)) or not all(isinstance(p, str) and p for p in paths):
+            raise ValueError(f"{where}: path must be a directory, glob or file (or a list of them), got {path!r}")
+        for p in paths:
+            p = os.path.expanduser(p)
+            if not (glob.glob(p) if any(ch in p for ch in "*?[") else os.path.exists(p)):
+                raise ValueError(f"{where}: path {p!r} does not exist")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+            raise ValueError(f"{where}: weight must be a number > 0, got {weight!r}")
+        name = entry.get("name", os.path.basename(str(paths[0]).rstrip("/")) if len(paths) == 1 else None)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{where}: name must be a non-empty string (required when path is a list), got {name!r}")
+        if name in names:
+            raise ValueError(f"{where}: name {name!r} is already used by datasets[{names[name]}]")
+        names[name] = i
+        out.append({"path": path if isinstance(path, str) else list(paths), "weight": float(weight), "name": name})
+    return out
+
+
 def _positive(cfg, *names):
     for name in names:
         value = getattr(cfg, name)
@@ -168,13 +214,14 @@ def tool_config(data: str | None = None, config: str | None = None, tokenizer: s
     """DataConfig for the command-line tools: a YAML file, then --data / --tokenizer, then other overrides."""
     values = DataConfig.from_yaml(config).to_dict() if config else {}
     if data:
-        values["data_path"] = data
+        values["data_path"], values["datasets"] = data, None
     if tokenizer:
         values["tokenizer_dir"] = tokenizer
-    if not values.get("data_path"):
-        raise ValueError("no data: give --data or a --config with data_path")
+    if not values.get("data_path") and not values.get("datasets"):
+        raise ValueError("no data: give --data or a --config with data_path or datasets")
     if not values.get("tokenizer_dir"):
-        first = values["data_path"] if isinstance(values["data_path"], str) else values["data_path"][0]
+        first = values["data_path"] or values["datasets"][0]["path"]
+        first = first if isinstance(first, str) else first[0]
         found = find_tokenizer(first)
         if found is None:
             raise ValueError("no tokenizer: give --tokenizer DIR or a --config with tokenizer_dir")

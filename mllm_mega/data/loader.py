@@ -27,6 +27,9 @@ Micro-batch (dict of CPU tensors; T = seq_len):
     pixel_values_videos (Pv, 1176)   video_grid_thw (V, 3) int64, second_per_grid_ts (V,) float32
     num_real_tokens, num_samples, num_images, num_videos int; sample_keys list[str]
 
+Mixtures (``data.datasets``): one stream per dataset (its own shards, rank assignment and epochs), blended by
+weight without RNG (mixture.py); ``stats["per_dataset"]`` counts the samples handed out per dataset name.
+
 Exact resume: the state holds the stream position (epoch, shard, tar offset), the buffered and already
 packed samples as restore keys (shard path + member offsets: re-read without scanning) and the counters;
 there is no running RNG (shard order, pack order and augmentation are hashes), so a restored loader
@@ -53,6 +56,7 @@ import numpy as np
 from mllm_mega.data.collate import ProcessedSample, collate_pack
 from mllm_mega.data.config import DataConfig
 from mllm_mega.data.eval_samples import build_eval_samples  # noqa: F401 (part of this module's API)
+from mllm_mega.data.mixture import BlendedStream, mixture_fingerprint, mixture_shards
 from mllm_mega.data.packing import pack_ffd
 from mllm_mega.data.samples import SampleSpec, parse_sample
 from mllm_mega.data.shards import (RawSample, iter_shard, list_shards, rank_assignment, read_sample_at,
@@ -144,18 +148,32 @@ class PackedLoader:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.spatial_merge_size, self.tokens_per_second = spatial_merge_size, tokens_per_second
         self.text = TextProcessor(cfg.tokenizer_dir)
-        self.shards = list_shards(cfg.data_path)
-        self._stream = _Stream(self.shards, dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed, epochs=cfg.epochs,
-                               on_event=self._skip)
+        if cfg.datasets:
+            self._mixture_shards = mixture_shards(cfg.datasets)
+            self.shards = [s for shards in self._mixture_shards for s in shards]
+            # each dataset's shard order is seeded by its name, so equally named shards are not read in lockstep
+            self._stream = BlendedStream(
+                [_Stream(shards, dp_rank=dp_rank, dp_size=dp_size, seed=f"{cfg.seed}/{d['name']}",
+                         epochs=cfg.epochs, on_event=self._skip)
+                 for d, shards in zip(cfg.datasets, self._mixture_shards)],
+                [d["weight"] for d in cfg.datasets], [d["name"] for d in cfg.datasets])
+        else:
+            self._mixture_shards = [list_shards(cfg.data_path)]
+            self.shards = self._mixture_shards[0]
+            self._stream = _Stream(self.shards, dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed, epochs=cfg.epochs,
+                                   on_event=self._skip)
+        self._dataset_of = {s: i for i, shards in enumerate(self._mixture_shards) for s in shards}
         self._buffer: list[SampleSpec] = []
         self._ready: list[list[SampleSpec]] = []
         self._round = 0
-        self._last_good_epoch = 0
+        self._last_good_epoch = [0] * len(self._mixture_shards)  # per dataset: their epochs advance independently
         self._skip_counts: dict[str, int] = {}
         self.recent_skips: list[tuple[str, str, str]] = []
         self._run_of_skips = 0  # skips since the last sample that made it into a batch
         self._first_failure: tuple[str, str, str] | None = None  # (reason, key, traceback) opening that run
         self._stats = {"samples": 0, "packs": 0, "real_tokens": 0, "images": 0, "videos": 0}
+        if cfg.datasets:
+            self._stats["per_dataset"] = {d["name"]: 0 for d in cfg.datasets}
         self.decoder_name, self.decode_device, self.resize_backend = _resolve_backends(cfg)
         self._decoder = None
         self._pool = ThreadPoolExecutor(cfg.num_workers) if cfg.num_workers > 1 else None
@@ -172,8 +190,8 @@ class PackedLoader:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Samples, packs, real tokens, images and videos handed out so far."""
-        return dict(self._consumed_state["stats"]) if self._thread else dict(self._stats)
+        """Samples, packs, real tokens, images and videos handed out so far (and samples per dataset name)."""
+        return copy.deepcopy(self._consumed_state["stats"] if self._thread else self._stats)
 
     # ----------------------------------------------------------------------------------------------- stream
     def _skip(self, reason: str, key: str, message: str, exc: BaseException | None = None):
@@ -214,6 +232,7 @@ class PackedLoader:
             if item is None:
                 return False
             raw, epoch = item
+            dataset = self._dataset_of[raw.shard]
             try:
                 spec = parse_sample(raw, self.text, self.cfg, epoch)
             except Exception as exc:  # noqa: BLE001 - one odd sample must not stop training
@@ -221,14 +240,14 @@ class PackedLoader:
                     logger.exception("data: unexpected error in sample %s of %s", raw.key, raw.shard)
                 reason = exc.reason if isinstance(exc, BadSample) else "unexpected_error"
                 self._skip(reason, raw.key, str(exc), exc)
-                if epoch - self._last_good_epoch >= 2:
+                if epoch - self._last_good_epoch[dataset] >= 2:
                     reason, key, detail = self._first_failure
                     raise DataPipelineError(
                         f"data: no usable sample in a whole epoch on DP rank {self.dp_rank}; skips by reason: "
                         f"{dict(sorted(self._skip_counts.items()))}. First failure ({reason}, sample "
                         f"{key!r}):\n{detail}") from None
                 continue
-            self._last_good_epoch = epoch
+            self._last_good_epoch[dataset] = epoch
             self._buffer.append(spec)
         return True
 
@@ -415,6 +434,9 @@ class PackedLoader:
         st["real_tokens"] += batch["num_real_tokens"]
         st["images"] += batch["num_images"]
         st["videos"] += batch["num_videos"]
+        if "per_dataset" in st:
+            for sample in samples:
+                st["per_dataset"][self.cfg.datasets[self._dataset_of[sample.spec.restore_key[0]]]["name"]] += 1
         return batch
 
     # ----------------------------------------------------------------------------------------------- state
@@ -422,7 +444,8 @@ class PackedLoader:
         c = self.cfg
         return {"dp_rank": self.dp_rank, "dp_size": self.dp_size, "seed": c.seed, "seq_len": c.seq_len,
                 "shards": [os.path.basename(s) for s in self.shards], "min_pixels": c.min_pixels,
-                "max_pixels": c.max_pixels, "buffer_size": c.buffer_size}
+                "max_pixels": c.max_pixels, "buffer_size": c.buffer_size,
+                **({"datasets": mixture_fingerprint(c.datasets, self._mixture_shards)} if c.datasets else {})}
 
     def state_dict(self) -> dict:
         """Everything needed to continue after the last batch handed out, exactly (JSON-serializable)."""
@@ -436,8 +459,9 @@ class PackedLoader:
 
         return {"version": STATE_VERSION, "fingerprint": self._fingerprint(), "stream": self._stream.position(),
                 "buffer": keys(self._buffer), "ready": [keys(p) for p in self._ready], "round": self._round,
-                "last_good_epoch": self._last_good_epoch, "skip_counts": dict(self._skip_counts),
-                "stats": dict(self._stats)}
+                # a plain int for a single data_path: the state format of loaders without mixtures
+                "last_good_epoch": list(self._last_good_epoch) if self.cfg.datasets else self._last_good_epoch[0],
+                "skip_counts": dict(self._skip_counts), "stats": copy.deepcopy(self._stats)}
 
     def load_state_dict(self, state: dict):
         """Continue from ``state`` (from :meth:`state_dict`); call before the first ``next``."""
@@ -464,9 +488,10 @@ class PackedLoader:
         self._buffer = restore(state["buffer"])
         self._ready = [restore(p) for p in state["ready"]]
         self._round = int(state["round"])
-        self._last_good_epoch = int(state["last_good_epoch"])
+        last = state["last_good_epoch"]
+        self._last_good_epoch = [int(e) for e in last] if isinstance(last, list) else [int(last)]
         self._skip_counts = dict(state["skip_counts"])
-        self._stats = dict(state["stats"])
+        self._stats = copy.deepcopy(state["stats"])
 
 
 def _resolve_backends(cfg: DataConfig) -> tuple[str, str, str]:

@@ -8,6 +8,10 @@ metadata such as ``"fps"`` next to a ``txt`` caption). Image sizes come from the
 resized sizes, grids and token ids (placeholders expanded) are all known here, before any decoding: this is
 what lets the loader pack first and decode only what it packed.
 
+Preference pairs (tools/prepare_dataset.py --format preference, see convert.py): a ``json`` {"conversations":
+<the prompt, ending with a human turn>, "chosen": str, "rejected": str} with the prompt's images as above; they are
+for the preference objective (parse_sample skips them as json_malformed: the prompt has no assistant turn).
+
 Anything wrong raises :class:`BadSample` whose ``reason`` is the skip-count key (see SKIP_REASONS).
 """
 from __future__ import annotations

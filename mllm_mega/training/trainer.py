@@ -350,6 +350,7 @@ class Trainer:
             "mfu": tflops_per_gpu / self.peak_tflops if self.peak_tflops else None,
             "peak_mem_gb": peak_memory_gb(),
             "skipped_samples": dict(self.loader.skip_counts),
+            "samples_per_dataset": self.loader.stats.get("per_dataset", {}),  # data.datasets mixtures; rank 0's
         }
 
     def _launches_since(self, before: dict, iteration: int) -> dict:
