@@ -115,6 +115,9 @@ class TrainConfig:
     """Stop after this many steps in a row whose loss or gradients are NaN/Inf (each one is skipped)."""
     inject_nan_at: list[int] = field(default_factory=list)
     """Testing aid: iterations (1-based) whose loss is made NaN, to exercise the NaN guard."""
+    allow_config_change: bool = False
+    """Resume even when seed, global batch size, data paths/seed, seq_len, loss reweighting or the model arch
+    changed (logged with the old and new values); by default such a resume is refused (exit 2)."""
     eval_num_captions: int = 4
     """Held-out images captioned with greedy decoding at the end of the run (0 = none)."""
     eval_max_new_tokens: int = 24
