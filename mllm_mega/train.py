@@ -157,6 +157,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         _error(e)
         code = 2
+    except OSError as e:  # e.g. a full disk outside a checkpoint save (its message names the file)
+        _error(e)
+        code = 1
     finally:
         if lock is not None:
             lock.release()

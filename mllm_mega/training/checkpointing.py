@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import shutil
+import time
 
 import torch
 import torch.distributed as dist
@@ -102,6 +103,9 @@ def write_meta(root: str, meta: dict) -> None:
 FAULT_ENV = "MLLM_MEGA_FAULT"  # test aid: "crash_in_save:N" kills the process mid-save of iteration N
 
 
+last_save_stats = {"manifest_s": 0.0}  # this rank's time hashing files into the manifest at the last save
+
+
 class CheckpointSaveError(RuntimeError):
     """A save that failed (disk full, I/O error); the partial directory is removed, the previous one kept."""
 
@@ -141,8 +145,10 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, *, keep
     _barrier()
 
     def finalize():
+        t = time.perf_counter()
         with _cleanup_on_failure(root, tmp, final):
             integrity.write_manifest(tmp, iteration=iteration)
+        last_save_stats["manifest_s"] = time.perf_counter() - t
         _barrier()
         _maybe_crash_in_save(iteration)
         if _rank() == 0:

@@ -174,3 +174,16 @@ def first_nonfinite(named_tensors) -> str | None:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not torch.isfinite(t).all():
             return name
     return None
+
+
+def nonfinite_state(model, optimizer) -> str | None:
+    """The first weight, fp32 main parameter or optimizer state tensor (megatron's optimizer, chained or
+    not, or a torch one) holding NaN/Inf on this rank, or None."""
+    tensors = [(f"model.{n}", p) for n, p in model.named_parameters()]
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        opt = getattr(sub, "optimizer", sub)
+        for g, group in enumerate(opt.param_groups):
+            for i, p in enumerate(group["params"]):
+                tensors.append((f"optimizer group {g} main param {i}", p))
+                tensors += [(f"optimizer group {g} param {i} {k}", v) for k, v in opt.state.get(p, {}).items()]
+    return first_nonfinite(tensors)

@@ -149,18 +149,13 @@ class Trainer:
                              keep_last=self.cfg.checkpoint.keep_last, write_extra=write_extra,
                              async_queue=self.async_queue)
         kind = "scheduled async save of" if self.async_queue is not None else "saved"
-        self._print(f"[train] {kind} {ckpt.iter_dir(self.ckpt_dir, iteration)} ({time.perf_counter() - t:.1f}s)")
+        hashing = "" if self.async_queue is not None else f", manifest {ckpt.last_save_stats['manifest_s']:.3f}s"
+        self._print(f"[train] {kind} {ckpt.iter_dir(self.ckpt_dir, iteration)} ({time.perf_counter() - t:.3f}s"
+                    f"{hashing})")
 
     def _check_finite_state(self, iteration: int) -> None:
         """Collective: refuse to save weights or optimizer state holding NaN/Inf as a good checkpoint."""
-        tensors = [(f"model.{n}", p) for n, p in self.model.named_parameters()]
-        for sub in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-            opt = getattr(sub, "optimizer", sub)
-            for g, group in enumerate(opt.param_groups):
-                for i, p in enumerate(group["params"]):
-                    tensors.append((f"optimizer group {g} main param {i}", p))
-                    tensors += [(f"optimizer group {g} param {i} {k}", v) for k, v in opt.state.get(p, {}).items()]
-        bad = integrity.first_nonfinite(tensors)
+        bad = integrity.nonfinite_state(self.model, self.optimizer)
         flag = torch.tensor([0.0 if bad is None else 1.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0:
