@@ -193,7 +193,9 @@ class _cleanup_on_failure:
         return self
 
     def __exit__(self, kind, err, tb):
-        if err is None or not isinstance(err, Exception):
+        # torch's CheckpointException (what a failed shard write arrives as) derives from BaseException;
+        # an interrupt is left alone (the next start removes the partial directory)
+        if err is None or isinstance(err, (KeyboardInterrupt, SystemExit, GeneratorExit)):
             return False
         free = _free_bytes(self.root)  # before the cleanup frees the partial files
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -214,23 +216,29 @@ def _mount_point(path: str) -> str:
     return path
 
 
-def _is_disk_full(err: BaseException, free: int | None) -> bool:
+def _is_disk_full(err: BaseException, free: int | None, root: str) -> bool:
     e = err
     while e is not None:  # torch's writer reports a full disk as "unexpected pos ..." with no errno
         if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(e):
             return True
         e = e.__cause__ or e.__context__
-    return free is not None and free < _NEARLY_FULL
+    if free is None:
+        return False
+    try:
+        total = shutil.disk_usage(root).total
+    except OSError:
+        total = 0
+    return free < max(_NEARLY_FULL, total // 200)
 
 
-_NEARLY_FULL = 64 << 20  # a write that failed with less than this left is reported as a full disk
+_NEARLY_FULL = 64 << 20  # a write that failed with less than this (or 0.5% of the disk) left: a full disk
 
 
 def _describe_save_error(err: BaseException, root: str, final: str, free: int | None) -> str:
     prev = latest_good_hint(root)
     need = _dir_size(prev) if prev else None
     kept = f"the last good checkpoint {prev} is intact" if prev else "there is no earlier checkpoint"
-    if _is_disk_full(err, free):
+    if _is_disk_full(err, free, root):
         mount = _mount_point(root)
         total = shutil.disk_usage(mount).total
         need_text = f"; a checkpoint needs about {_fmt_bytes(need)} (the size of {prev})" if need else ""
