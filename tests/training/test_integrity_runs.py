@@ -181,3 +181,9 @@ def test_disk_full_keeps_the_previous_checkpoint(base_run, tmp_path):
         assert not [d for d in os.listdir(mount) if ".tmp" in d]
     finally:
         subprocess.run(["umount", mount], check=False)
+
+
+def test_layout_not_dividing_the_world_exits_2(base_run, tmp_path):
+    res = train(base_run[0], f"run_dir={tmp_path / 'run'}", "parallel.tp=2")  # one process: world size 1
+    assert res.returncode == 2 and "error: world size 1 is not divisible by TP=2 x PP=1" in res.stderr, res.stderr
+    assert not os.path.exists(tmp_path / "run")  # refused before anything was written
