@@ -99,6 +99,7 @@ def startup(cfg):
     lock, error = None, None
     if dist.get_rank() == 0:
         try:
+            os.makedirs(cfg.run_dir, exist_ok=True)
             lock = RunLock(cfg.run_dir)
             lock.acquire()
             resume.remove_partial_saves(cfg.run_dir)

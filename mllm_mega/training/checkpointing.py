@@ -63,7 +63,8 @@ def latest_iteration(root: str) -> int | None:
     if problem:
         raise ValueError(problem)
     if it is not None and not os.path.isdir(iter_dir(root, it)):
-        raise FileNotFoundError(f"{os.path.join(root, TRACKER)} names iteration {it} but {iter_dir(root, it)} is missing")
+        raise FileNotFoundError(f"{os.path.join(root, TRACKER)} names iteration {it} but {iter_dir(root, it)} "
+                                "is missing")
     return it
 
 

@@ -5,7 +5,6 @@ import os
 import socket
 import subprocess
 import time
-import types
 
 import pytest
 import torch
