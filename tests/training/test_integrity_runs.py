@@ -125,6 +125,11 @@ def test_changed_batch_size_and_seed_refused(base_run, tmp_path):
     assert "train.global_batch_size: 2 -> 4" in res.stderr and "seed: 1234 -> 7" in res.stderr
     assert open(os.path.join(run_dir, "config.yaml")).read() == saved  # the refused config is not recorded
     assert metrics(run_dir) == metrics(base_run[1])
+    # allowed: logged with old and new values, then recorded (max_steps=4: resume and stop, no step to pay for)
+    res = train(cfg, f"run_dir={run_dir}", "train.global_batch_size=4", "train.allow_config_change=true")
+    assert_ok(res)
+    assert "allow_config_change=true: resuming with changed train.global_batch_size: 2 -> 4" in res.stdout
+    assert "global_batch_size: 4" in open(os.path.join(run_dir, "config.yaml")).read()
 
 
 def test_two_runs_in_one_run_dir(base_run, tmp_path):
