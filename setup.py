@@ -41,6 +41,8 @@ setup(
     extras_require={
         "gpu": ["triton", "nvidia-dali-cuda130"],
         "video": ["av"],
-        "test": ["pytest", "hypothesis", "triton", "nvidia-dali-cuda130", "av", "matplotlib", "tensorboard"],
+        "wandb": ["wandb"],
+        "test": ["pytest", "hypothesis", "triton", "nvidia-dali-cuda130", "av", "matplotlib", "tensorboard",
+                 "wandb"],
     },
 )

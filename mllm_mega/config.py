@@ -21,6 +21,7 @@ from mllm_mega.data.config import DataConfig
 TINY_ARCHS = ("tiny_qwen2_5_vl", "tiny_qwen2_vl")
 KERNELS = ("auto", "torch", "triton")
 DTYPES = ("auto", "float32", "bfloat16")
+RECOMPUTE = ("none", "selective", "full")
 
 # stage -> (freeze_vision, freeze_merger, freeze_llm, lr_mult_vision, lr_mult_merger, lr_mult_llm)
 STAGE_PRESETS = {
@@ -44,10 +45,25 @@ class ModelConfig:
     """Parameter/compute dtype: auto (bfloat16 on GPU with fp32 master weights, float32 on CPU)."""
     tiny_overrides: dict = field(default_factory=dict)
     """Overrides of the tiny text config (e.g. hidden_size, num_hidden_layers); tiny archs only."""
+    recompute_llm: str = "none"
+    """Activation recomputation in the LLM: none | selective (megatron's core_attn recompute: our RoPE +
+    packed-attention slot is re-run in the backward) | full (whole layers re-run, see recompute_method)."""
+    recompute_vision: str = "none"
+    """The same for the ViT layers: none | selective | full."""
+    recompute_method: str = "uniform"
+    """Full recompute only: uniform (every layer, in chunks of recompute_num_layers) | block (only the first
+    recompute_num_layers layers of each pipeline stage, and of the ViT)."""
+    recompute_num_layers: int = 1
+    """Full recompute only: layers per checkpointed chunk (uniform; must divide the layers per stage) or
+    layers recomputed per stage (block)."""
 
     def __post_init__(self):
         _choice("model.kernels", self.kernels, KERNELS)
         _choice("model.dtype", self.dtype, DTYPES)
+        for name in ("recompute_llm", "recompute_vision"):
+            _choice(f"model.{name}", getattr(self, name), RECOMPUTE)
+        _choice("model.recompute_method", self.recompute_method, ("uniform", "block"))
+        _positive("model", self, "recompute_num_layers")
         if self.tiny_overrides and self.arch not in TINY_ARCHS:
             raise ValueError(f"model.tiny_overrides only applies to {TINY_ARCHS}, not arch={self.arch!r}")
 
@@ -66,9 +82,21 @@ class ParallelConfig:
     """LLM layers on the first stage (which also runs the ViT); None = even split."""
     distributed_optimizer: bool = True
     """Shard optimizer state and fp32 master weights over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Reduce(-scatter) each gradient bucket over DP as soon as its grads are ready, during the backward."""
+    overlap_param_gather: bool = False
+    """Distributed optimizer: all-gather the updated parameters bucket by bucket during the next forward
+    instead of at the end of the optimizer step (needs distributed_optimizer and overlap_grad_reduce)."""
+    ddp_bucket_size: int | None = None
+    """Parameters per gradient/parameter bucket when overlapping; None = megatron's max(40M, 1M x DP)."""
 
     def __post_init__(self):
         _positive("parallel", self, "tp", "pp")
+        if self.overlap_param_gather and not (self.distributed_optimizer and self.overlap_grad_reduce):
+            raise ValueError("parallel.overlap_param_gather needs parallel.distributed_optimizer and "
+                             "parallel.overlap_grad_reduce")
+        if self.ddp_bucket_size is not None:
+            _positive("parallel", self, "ddp_bucket_size")
 
 
 @dataclass
@@ -115,6 +143,12 @@ class TrainConfig:
     """Stop after this many steps in a row whose loss or gradients are NaN/Inf (each one is skipped)."""
     inject_nan_at: list[int] = field(default_factory=list)
     """Testing aid: iterations (1-based) whose loss is made NaN, to exercise the NaN guard."""
+    inject_nan_grad_at: list[int] = field(default_factory=list)
+    """Testing aid: iterations (1-based) where one gradient element on global rank 0 only is made NaN after the
+    backward pass (the loss stays finite), to exercise the gradient half of the NaN guard."""
+    same_data_at_any_dp: bool = False
+    """Testing aid: every DP rank reads the whole (DP-size-1) data stream and keeps its share of each global
+    batch, so runs at different DP sizes see the same global batches (DP x the data work)."""
     allow_config_change: bool = False
     """Resume even when seed, global batch size, data paths/seed, seq_len, loss reweighting or the model arch
     changed (logged with the old and new values); by default such a resume is refused (exit 2)."""
@@ -203,9 +237,19 @@ class LoggingConfig:
     """Write TensorBoard events to run_dir/tensorboard (when tensorboard is installed)."""
     peak_tflops: float | None = None
     """Per-device dense peak for MFU; None = known GPUs' bf16 peak (H100/H200 989), no MFU on CPU."""
+    wandb_project: str | None = None
+    """Weights & Biases project: also log every step there (when ``wandb`` is installed); None = no W&B."""
+    wandb_entity: str | None = None
+    """W&B entity (team or user); None = wandb's default."""
+    wandb_run_name: str | None = None
+    """W&B run name; None = the run directory's name. A resumed run continues the same W&B run."""
+    wandb_mode: str | None = None
+    """online | offline (no network; `wandb sync` later) | disabled; None = wandb's default / $WANDB_MODE."""
 
     def __post_init__(self):
         _positive("logging", self, "log_interval")
+        if self.wandb_mode is not None:
+            _choice("logging.wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
 
 
 @dataclass

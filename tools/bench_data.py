@@ -8,6 +8,10 @@ Backends (the pipeline of mllm_mega/data/loader.py, without tokenization/packing
   dali-cpu        DALI CPU decode + fn.jpeg_compression_distortion, PIL resize, numpy (the CPU default)
   dali-cpu-resize DALI CPU decode + distortion + DALI cubic resize, numpy
   dali-gpu        DALI mixed decode (nvJPEG) + distortion + resize on the GPU, numpy (only with CUDA)
+  hf-pil          baseline: PIL decode + transformers' Qwen2VLImageProcessorPil (no JPEG augmentation)
+  hf-torchvision  baseline: PIL decode + transformers' torchvision Qwen2VLImageProcessor (when torchvision loads)
+With --jpeg-prob 0 the summary also gives each of our backends' speed as a multiple of each baseline's
+(the same decode + resize + normalize + patchify work on the same images).
 Input: ImageNet-size synthetic photos (smooth gradients, texture, shapes) as quality-90 baseline JPEGs,
 generated in memory. Prints one line per backend and a JSON summary as the last line.
 
@@ -70,6 +74,30 @@ def bench_dali(decoder, jpegs, qualities, targets, threads, resized):
 
     with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(finish, zip(images, targets)))
+
+
+def hf_processors(max_pixels):
+    """The transformers baselines that load here: {name: processor}."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    out = {"hf-pil": Qwen2VLImageProcessorPil(max_pixels=max_pixels)}
+    try:
+        import torchvision  # noqa: F401 - the fast processor needs it; the PyPI build may not load with CPU torch
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+        out["hf-torchvision"] = Qwen2VLImageProcessor(max_pixels=max_pixels)
+    except Exception as exc:  # noqa: BLE001 - any import failure means no baseline
+        print(f"hf-torchvision: not available ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+    return out
+
+
+def bench_hf(processor, jpegs, threads):
+    def one(data):
+        with Image.open(io.BytesIO(data)) as img:
+            return processor(images=[img.convert("RGB")], return_tensors="np")["pixel_values"]
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(one, jpegs))
 
 
 def bench_loader(num_samples, seq_len, threads):
@@ -135,6 +163,8 @@ def main(argv=None):
         if cuda_available():
             dec_g = DaliDecoder("gpu", num_threads=args.threads, max_batch=args.batch, resize=True)
             runs["dali-gpu"] = lambda: bench_dali(dec_g, jpegs, qualities, targets, args.threads, True)
+    for name, processor in hf_processors(args.max_pixels).items():
+        runs[name] = lambda p=processor: bench_hf(p, jpegs, args.threads)
     if args.backends:
         runs = {k: v for k, v in runs.items() if k in args.backends}
 
@@ -144,7 +174,13 @@ def main(argv=None):
         results[name] = round(len(jpegs) / seconds, 1)
         print(f"{name:16s} {results[name]:9.1f} images/s  ({len(jpegs)} images in {seconds:.3f} s)")
     loader = bench_loader(args.loader, args.seq_len, args.threads) if args.loader else None
-    summary = {"images_per_s": results, "loader": loader, "num_images": len(jpegs), "size": list(args.size),
+    ratios = None
+    if args.jpeg_prob == 0:  # only then is it the same work as the baselines (they do no augmentation)
+        ratios = {f"{ours}/{base}": round(results[ours] / results[base], 2) for base in results
+                  if base.startswith("hf-") for ours in results if not ours.startswith("hf-")}
+        for k, v in ratios.items():
+            print(f"speed {k}: {v:.2f}x")
+    summary = {"images_per_s": results, "speed_vs_hf": ratios, "loader": loader, "num_images": len(jpegs), "size": list(args.size),
                "mean_jpeg_bytes": int(np.mean([len(j) for j in jpegs])), "threads": args.threads,
                "jpeg_prob": args.jpeg_prob, "max_pixels": args.max_pixels, "cpu_count": os.cpu_count(),
                "machine": platform.processor() or platform.machine(), "cuda": cuda_available()}

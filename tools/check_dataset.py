@@ -63,10 +63,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         cfg = tool_config(args.data, args.config, args.tokenizer, seq_len=args.seq_len, decoder=args.decoder,
-                          epochs=1)
+                          epochs=1, max_consecutive_skips=0)  # one pass that reports every skip
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
-    summary = check(cfg, show_skips=args.show_skips)
+    try:
+        summary = check(cfg, show_skips=args.show_skips)
+    except FileNotFoundError as exc:  # a wrong data path: named, no traceback
+        parser.exit(2, f"error: {exc}\n")
     print(json.dumps(summary))
 
 

@@ -72,6 +72,9 @@ class DataConfig:
     """Micro-batches prepared ahead by a background thread (0: prepare in the caller's thread)."""
     epochs: int | None = None
     """Passes over the data; None repeats forever (training), 1 for a check or an offline pack."""
+    max_consecutive_skips: int = 1000
+    """Stop with an error (reason counts + the first failure) after this many samples in a row were skipped, or
+    a whole epoch's worth: a systematic failure (e.g. a broken decoder install) must not loop forever. 0 = never."""
 
     def __post_init__(self):
         if isinstance(self.data_path, (list, tuple)):
@@ -95,6 +98,9 @@ class DataConfig:
             raise ValueError(f"jpeg_quality must be (low, high) ints with 1 <= low <= high <= 100, got {q}")
         if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
             raise ValueError(f"prefetch must be an int >= 0, got {self.prefetch!r}")
+        if isinstance(self.max_consecutive_skips, bool) or not isinstance(self.max_consecutive_skips, int) \
+                or self.max_consecutive_skips < 0:
+            raise ValueError(f"max_consecutive_skips must be an int >= 0, got {self.max_consecutive_skips!r}")
         for name in ("max_images_per_pack", "max_samples_per_pack", "epochs"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

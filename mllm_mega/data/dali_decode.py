@@ -10,12 +10,22 @@ A corrupt image makes DALI fail the whole batch and leaves the pipeline unusable
 headers first (vision.probe_image) and, if a batch still fails, this module rebuilds the pipeline and decodes
 that batch one image at a time, returning the exception for the images that fail.
 
+A JPEG whose entropy-coded data is corrupt still decodes in libjpeg-turbo (the damaged blocks come out grey
+or shifted) with only a warning on stderr ("Corrupt JPEG data: ..."), which DALI does not report. This module
+watches the process's stderr while a batch decodes and, when libjpeg complained, decodes that batch one image
+at a time to find the culprits, which are returned as :class:`CorruptImageError` (the loader skips them as
+``image_decode_error``). Pillow silences the same warning, so the PIL path accepts such images.
+
 DALI's cubic resize is not PIL's bicubic filter: on uint8 images it differs by at most a few levels
 (measured max 4/255, mean 0.2/255). The CPU default is therefore DALI decode + PIL resize, which matches the
 HF processor bit for bit; the DALI resize is the GPU path's fast option (``resize_backend="dali"``).
 """
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -28,6 +38,40 @@ try:
     HAVE_DALI = True
 except ImportError:  # DALI is an optional dependency (extras "gpu"/"test"); vision.decode_image_pil is the fallback
     HAVE_DALI = False
+
+
+# libjpeg(-turbo) warnings that mean the pixels are not what the file was meant to hold
+CORRUPT_MARKERS = ("Corrupt JPEG data", "Premature end of JPEG file", "Invalid JPEG file structure")
+_STDERR_LOCK = threading.Lock()  # fd 2 is process-wide: one capture at a time
+
+
+class CorruptImageError(RuntimeError):
+    """An image that decoded only with libjpeg warnings about corrupt data."""
+
+
+def _run_watching_stderr(fn):
+    """``fn()`` with file descriptor 2 captured; returns (result, captured text). Text that is not a libjpeg
+    corruption warning is written back to stderr, so nothing another thread printed meanwhile is lost."""
+    with _STDERR_LOCK, tempfile.TemporaryFile() as tmp:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            result = fn()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        tmp.seek(0)
+        text = tmp.read().decode(errors="replace")
+    other = "".join(line for line in text.splitlines(keepends=True) if not line.startswith(CORRUPT_MARKERS))
+    if other:
+        sys.stderr.write(other)
+        sys.stderr.flush()
+    return result, text
+
+
+def _complained(text: str) -> bool:
+    return any(marker in text for marker in CORRUPT_MARKERS)
 
 
 def cuda_available() -> bool:
@@ -52,6 +96,13 @@ if HAVE_DALI:
             images = fn.resize(images, size=size, interp_type=types.INTERP_CUBIC, antialias=True,
                                dtype=types.UINT8)
         return images
+
+
+class _CorruptBatch(RuntimeError):
+    """libjpeg warned about corrupt data while this batch decoded (the pipeline itself is still valid)."""
+
+    def __init__(self, text: str):
+        super().__init__(" | ".join(line for line in text.splitlines() if line.startswith(CORRUPT_MARKERS)))
 
 
 class DaliDecoder:
@@ -89,7 +140,9 @@ class DaliDecoder:
         pipe.feed_input("augment", [np.array(q is not None) for q in qualities])
         if self.resize:
             pipe.feed_input("size", [np.asarray(s, dtype=np.float32) for s in sizes])
-        (out,) = pipe.run()
+        (out,), text = _run_watching_stderr(pipe.run)
+        if _complained(text):
+            raise _CorruptBatch(text)
         if self.device == "gpu":
             out = out.as_cpu()
         return [np.array(out[i]) for i in range(len(encoded))]
@@ -111,13 +164,16 @@ class DaliDecoder:
             chunk = slice(start, start + self.max_batch)
             try:
                 results.extend(self._run(encoded[chunk], qualities[chunk], sizes[chunk]))
-            except RuntimeError:
-                # the failed run invalidated the pipeline; find the bad images one by one
-                self._pipe = None
-                self.num_rebuilds += 1
+            except RuntimeError as batch_exc:
+                # a failed run invalidates the pipeline (a corrupt-data warning does not): find the bad images
+                if not isinstance(batch_exc, _CorruptBatch):
+                    self._pipe = None
+                    self.num_rebuilds += 1
                 for e, q, s in zip(encoded[chunk], qualities[chunk], sizes[chunk]):
                     try:
                         results.extend(self._run([e], [q], [s]))
+                    except _CorruptBatch as exc:
+                        results.append(CorruptImageError(f"corrupt JPEG data: {exc}"))
                     except RuntimeError as exc:
                         self._pipe = None
                         self.num_rebuilds += 1

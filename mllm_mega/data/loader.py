@@ -34,6 +34,9 @@ replays the same packs, decoded the same way.
 
 Bad samples never stop the loader: each is skipped with a reason counted in ``skip_counts`` (see
 samples.SKIP_REASONS); a truncated or unreadable shard is counted and the rest of it (up to the cut) used.
+A systematic failure does stop it: when ``max_consecutive_skips`` samples in a row (or two epochs' worth) were
+skipped, or an epoch yields no sample at all, ``next`` raises :class:`DataPipelineError` naming the skip counts
+and the first failure of the run (with its traceback) instead of looping forever (e.g. a broken decoder).
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ import logging
 import os
 import queue
 import threading
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -64,6 +68,10 @@ MAX_RECENT_SKIPS = 32
 _END = object()  # end of data, from the prefetch thread
 
 
+class DataPipelineError(RuntimeError):
+    """The data stream yields nothing usable for a bounded stretch: a systematic failure, not bad samples."""
+
+
 class _Stream:
     """The rank's resumable sequence of raw samples over epochs."""
 
@@ -73,6 +81,8 @@ class _Stream:
         self.on_event = on_event
         self.epoch, self.shard_pos, self.offset, self.sample_index = 0, 0, 0, 0
         self._iter, self._events = None, []
+        self.samples_per_epoch: int | None = None  # this rank's samples in one epoch, once one has been read
+        self._read_this_epoch, self._read_epoch = 0, None
 
     def position(self) -> dict:
         return {"epoch": self.epoch, "shard_pos": self.shard_pos, "offset": self.offset,
@@ -92,8 +102,16 @@ class _Stream:
             if self.epochs is not None and self.epoch >= self.epochs:
                 return None
             if self.shard_pos >= len(self.positions):
+                if self._read_epoch == self.epoch:  # read from its first shard on: a complete epoch
+                    if self._read_this_epoch == 0 and self.epochs is None:  # would loop forever
+                        raise DataPipelineError(
+                            f"data: epoch {self.epoch} on DP rank {self.dp_rank} read no sample from any of its "
+                            f"{len(self.positions)} shard(s) of {len(self.shards)}; see the shard warnings above")
+                    self.samples_per_epoch = self._read_this_epoch
                 self.epoch, self.shard_pos, self.offset, self.sample_index, self._iter = self.epoch + 1, 0, 0, 0, None
                 continue
+            if self.shard_pos == 0 and self.offset == 0 and self._iter is None:
+                self._read_this_epoch, self._read_epoch = 0, self.epoch
             if self.offset < 0:  # the previous sample was the shard's last
                 self._next_shard()
                 continue
@@ -113,6 +131,7 @@ class _Stream:
             raw, self.offset = item
             index, self.sample_index = self.sample_index, self.sample_index + 1
             if index % self.stride == self.phase:
+                self._read_this_epoch += 1
                 return raw, self.epoch
 
 
@@ -134,6 +153,8 @@ class PackedLoader:
         self._last_good_epoch = 0
         self._skip_counts: dict[str, int] = {}
         self.recent_skips: list[tuple[str, str, str]] = []
+        self._run_of_skips = 0  # skips since the last sample that made it into a batch
+        self._first_failure: tuple[str, str, str] | None = None  # (reason, key, traceback) opening that run
         self._stats = {"samples": 0, "packs": 0, "real_tokens": 0, "images": 0, "videos": 0}
         self.decoder_name, self.decode_device, self.resize_backend = _resolve_backends(cfg)
         self._decoder = None
@@ -155,12 +176,36 @@ class PackedLoader:
         return dict(self._consumed_state["stats"]) if self._thread else dict(self._stats)
 
     # ----------------------------------------------------------------------------------------------- stream
-    def _skip(self, reason: str, key: str, message: str):
+    def _skip(self, reason: str, key: str, message: str, exc: BaseException | None = None):
         self._skip_counts[reason] = self._skip_counts.get(reason, 0) + 1
         self.recent_skips = (self.recent_skips + [(reason, key, message)])[-MAX_RECENT_SKIPS:]
         logger.debug("skipped %s: %s", key, message)
         if reason in ("truncated_tar", "unreadable_shard"):
             logger.warning("data: %s", message)
+        if self._run_of_skips == 0:
+            detail = "".join(traceback.format_exception(exc)).rstrip() if exc is not None else message
+            self._first_failure = (reason, key, detail)
+        self._run_of_skips += 1
+        self._check_systematic_failure()
+
+    def _check_systematic_failure(self):
+        limit = self.cfg.max_consecutive_skips
+        if not limit:
+            return
+        per_epoch = self._stream.samples_per_epoch
+        # two epochs' worth in a row: every sample failed at least once since the last good one (a single
+        # epoch's worth could span the good samples of a small, mostly bad dataset in shuffled pack order)
+        bound = min(limit, 2 * per_epoch) if per_epoch else limit
+        if self._run_of_skips < bound:
+            return
+        reason, key, detail = self._first_failure
+        why = (f"data.max_consecutive_skips={limit}" if bound == limit
+               else f"two epochs' worth: {per_epoch} samples per epoch on this rank")
+        raise DataPipelineError(
+            f"data: {self._run_of_skips} samples in a row were skipped on DP rank {self.dp_rank} ({why}), so "
+            f"this is a systematic failure, not a few bad samples (a broken decoder install, wrong data "
+            f"settings, unreadable data). Skips by reason: {dict(sorted(self._skip_counts.items()))}. "
+            f"First failure of the run ({reason}, sample {key!r}):\n{detail}")
 
     def _fill_buffer(self) -> bool:
         """Read samples until the buffer is full; False when the data is exhausted."""
@@ -175,10 +220,13 @@ class PackedLoader:
                 if not isinstance(exc, BadSample):
                     logger.exception("data: unexpected error in sample %s of %s", raw.key, raw.shard)
                 reason = exc.reason if isinstance(exc, BadSample) else "unexpected_error"
-                self._skip(reason, raw.key, str(exc))
+                self._skip(reason, raw.key, str(exc), exc)
                 if epoch - self._last_good_epoch >= 2:
-                    raise RuntimeError(f"data: no usable sample in a whole epoch on rank {self.dp_rank}; "
-                                       f"skip counts {self._skip_counts}") from None
+                    reason, key, detail = self._first_failure
+                    raise DataPipelineError(
+                        f"data: no usable sample in a whole epoch on DP rank {self.dp_rank}; skips by reason: "
+                        f"{dict(sorted(self._skip_counts.items()))}. First failure ({reason}, sample "
+                        f"{key!r}):\n{detail}") from None
                 continue
             self._last_good_epoch = epoch
             self._buffer.append(spec)
@@ -316,14 +364,15 @@ class PackedLoader:
         decoded = self._decode(encoded, qualities, targets, force_pil) if encoded else []
         resized_by_decoder = self.resize_backend == "dali"
         frames: dict[tuple[int, int], list] = {}
-        bad: dict[int, tuple[str, str]] = {}
+        bad: dict[int, tuple[str, str, BaseException | None]] = {}
         for (si, mi), image in zip(owners, decoded):
             medium = pack[si].media[mi]
             expect = medium.resized if resized_by_decoder else medium.size
             if isinstance(image, Exception) or image.shape != (*expect, 3):
-                what = f"decoded shape {image.shape}, header said {expect}" if not isinstance(image, Exception) \
-                    else str(image).splitlines()[0]
-                bad.setdefault(si, ("image_decode_error" if medium.kind == IMAGE else "video_error", what))
+                failed = isinstance(image, Exception)
+                what = str(image).splitlines()[0] if failed else f"decoded shape {image.shape}, header said {expect}"
+                bad.setdefault(si, ("image_decode_error" if medium.kind == IMAGE else "video_error", what,
+                                    image if failed else None))
                 continue
             frames.setdefault((si, mi), []).append(image)
 
@@ -349,13 +398,14 @@ class PackedLoader:
         patches = dict(zip(keys, self._map(patches_of, keys)))
         for (si, _), result in patches.items():
             if isinstance(result, BadSample):
-                bad.setdefault(si, (result.reason, str(result)))
-        for si, (reason, message) in sorted(bad.items()):
-            self._skip(reason, pack[si].key, f"{pack[si].key}: {message}")
+                bad.setdefault(si, (result.reason, str(result), result))
+        for si, (reason, message, exc) in sorted(bad.items()):
+            self._skip(reason, pack[si].key, f"{pack[si].key}: {message}", exc)
         samples = [ProcessedSample(pack[si], [patches[(si, mi)] for mi in range(pack[si].num_media)])
                    for si in range(len(pack)) if si not in bad]
         if not samples:
             return None
+        self._run_of_skips = 0
         batch = collate_pack(samples, cfg.seq_len, loss_reweighting=cfg.loss_reweighting,
                              pad_token_id=self.text.pad_token_id, spatial_merge_size=self.spatial_merge_size,
                              tokens_per_second=self.tokens_per_second)

@@ -1,6 +1,6 @@
 """From a raw WebDataset sample to a packable sample spec, with every check that does not need decoding.
 
-A sample's fields: images ``jpg``/``png``/``webp`` (several as ``0.jpg``, ``1.jpg``, ... or ``img0.jpg``),
+A sample's fields: images ``jpg``/``png``/``webp``/``gif``/``bmp``/``tiff`` (several as ``0.jpg``, ``1.jpg``, ... or ``img0.jpg``),
 video frames ``video.000.jpg``, ``video.001.jpg``, ... (several videos as ``video0.000.jpg``, ``video1...``)
 or video files ``mp4`` (also webm/mkv/mov/avi; several as ``video0.mp4``, ...; decoded with PyAV),
 and text: ``txt`` (a caption) or ``json`` (a LLaVA-style conversation; a json without one may carry
@@ -46,7 +46,9 @@ SKIP_REASONS = {
     "unexpected_error": "any other exception while reading the sample (logged with its traceback)",
 }
 
-_IMAGE_FIELD = re.compile(r"^(?:(?:img|image)?(\d+)\.)?(jpe?g|png|webp)$")
+_IMAGE_FIELD = re.compile(r"^(?:(?:img|image)?(\d+)\.)?(jpe?g|png|webp|gif|bmp|tiff?)$")
+# image fields in formats we do not decode: a skip counted as image_unreadable, never a silent text-only sample
+_UNSUPPORTED_IMAGE_FIELD = re.compile(r"^(?:(?:img|image)?\d+\.)?(heic|heif|avif|jp2|jxl|ico|svg)$")
 _FRAME_FIELD = re.compile(r"^video(\d*)\.(\d+)\.(jpe?g|png|webp)$")
 _VIDEO_FILE_FIELD = re.compile(r"^(?:video(\d*)\.)?(mp4|webm|mkv|mov|avi)$")
 
@@ -61,7 +63,7 @@ class Medium:
     resized: tuple[int, int]  # smart_resize target (height, width)
     grid: tuple[int, int, int]  # (t, h, w) in 14-px patches
     second_per_grid: float = 0.0  # seconds spanned by one temporal patch (videos)
-    alpha: bool = False  # has transparency: decoded with PIL (composited onto white, as HF does)
+    alpha: bool = False  # decoded with PIL: transparency (composited onto white, as HF does) or a PIL-only format
     video_file: bytes | None = None  # an encoded video (mp4, ...), decoded with PyAV
     frame_indices: tuple[int, ...] = ()  # the frames of video_file to keep
 
@@ -98,6 +100,9 @@ def _image_fields(fields: dict[str, bytes]):
         if m:
             images.append((int(m.group(1)) if m.group(1) else -1, name, data))
             continue
+        if _UNSUPPORTED_IMAGE_FIELD.match(name):
+            raise BadSample("image_unreadable", f"unsupported image field {name!r} (supported: jpg, png, webp, "
+                                                "gif, bmp, tiff)")
         m = _FRAME_FIELD.match(name)
         if m:
             videos.setdefault(int(m.group(1) or 0), []).append((int(m.group(2)), data))
@@ -118,7 +123,7 @@ def _image_medium(data: bytes, cfg: DataConfig) -> Medium:
     info = inspect_image(data, min_side=cfg.min_image_side)
     resized = smart_resize(info.height, info.width, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     return Medium(IMAGE, [data], (info.height, info.width), resized, (1, resized[0] // 14, resized[1] // 14),
-                  alpha=info.has_alpha)
+                  alpha=info.decode_with_pil)
 
 
 def _video_medium(frames: list[bytes], fps: float, cfg: DataConfig) -> Medium:
@@ -130,7 +135,7 @@ def _video_medium(frames: list[bytes], fps: float, cfg: DataConfig) -> Medium:
         except BadSample as exc:
             raise BadSample(exc.reason, f"video frame {i}: {exc}") from None
         sizes.add((info.height, info.width))
-        alpha |= info.has_alpha
+        alpha |= info.decode_with_pil
     if len(sizes) != 1:
         raise BadSample("video_error", f"video frames have different sizes {sorted(sizes)}")
     (height, width), = sizes

@@ -60,7 +60,9 @@ def list_shards(paths: str | Sequence[str]) -> list[str]:
         else:
             raise FileNotFoundError(f"data path {spec!r} is neither a directory, a glob nor a file")
         if not matches:
-            raise FileNotFoundError(f"data path {spec!r} contains no .tar shards")
+            splits = [d for d in ("train", "eval") if os.path.isdir(spec) and glob.glob(os.path.join(spec, d, "*.tar"))]
+            hint = f"; it holds the splits {splits}: did you mean {os.path.join(spec, splits[0])!r}?" if splits else ""
+            raise FileNotFoundError(f"data path {spec!r} contains no .tar shards{hint}")
         found.extend(os.path.abspath(m) for m in matches)
     return sorted(dict.fromkeys(found))
 

@@ -38,7 +38,13 @@ CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 RESCALE = 1 / 255
 
-IMAGE_FORMATS = {"JPEG", "PNG", "WEBP"}
+IMAGE_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"}
+# decoded with PIL on every backend, so both backends give the same pixels: GIF (DALI has no GIF decoder; the
+# first frame is used, as transformers' load_image does), BMP and TIFF (rare; PIL's reading is the reference)
+PIL_ONLY_FORMATS = {"GIF", "BMP", "TIFF"}
+# PIL names a JPEG with a multi-picture (MPF) segment, as most phone cameras write, "MPO": it is a baseline
+# JPEG whose first picture is the primary image, which is what both PIL and DALI decode
+FORMAT_ALIASES = {"MPO": "JPEG"}
 EXIF_ORIENTATION = 0x0112
 TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
@@ -96,6 +102,30 @@ def _webp_complete(data: bytes) -> bool:
     return len(data) >= 12 and int.from_bytes(data[4:8], "little") + 8 <= len(data)
 
 
+def _gif_complete(data: bytes) -> bool:
+    return data.rstrip(b"\x00")[-1:] == b";"  # the GIF trailer
+
+
+def _bmp_complete(data: bytes) -> bool:
+    return len(data) >= 6 and int.from_bytes(data[2:6], "little") <= len(data)
+
+
+_COMPLETE = {"JPEG": _jpeg_complete, "PNG": _png_complete, "WEBP": _webp_complete, "GIF": _gif_complete,
+             "BMP": _bmp_complete, "TIFF": lambda data: True}  # TIFF: no end marker; decoding catches a cut
+
+
+def _orientation(img: Image.Image, fmt: str) -> int:
+    """The EXIF orientation both decoders apply (PIL's exif_transpose, DALI), read without decoding pixels."""
+    if fmt == "TIFF":
+        return int(img.getexif().get(EXIF_ORIENTATION, 1))  # a tag of the TIFF directory itself
+    raw = img.info.get("exif")  # JPEG APP1, WebP EXIF chunk, PNG eXIf chunk (before the image data)
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    exif.load(raw)
+    return int(exif.get(EXIF_ORIENTATION, 1))
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     """What an image header says: decoded size (EXIF rotation applied), format, transparency."""
@@ -104,6 +134,11 @@ class ImageInfo:
     width: int
     format: str
     has_alpha: bool
+
+    @property
+    def decode_with_pil(self) -> bool:
+        """Transparency (composited onto white, as HF does) or a format only PIL decodes here."""
+        return self.has_alpha or self.format in PIL_ONLY_FORMATS
 
 
 def inspect_image(data: bytes, *, min_side: int = 1) -> ImageInfo:
@@ -117,15 +152,14 @@ def inspect_image(data: bytes, *, min_side: int = 1) -> ImageInfo:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as img:
-                fmt, (width, height) = img.format, img.size
-                orientation = img.getexif().get(EXIF_ORIENTATION, 1) if fmt == "JPEG" else 1
+                fmt, (width, height) = FORMAT_ALIASES.get(img.format, img.format), img.size
+                orientation = _orientation(img, fmt) if fmt in IMAGE_FORMATS else 1
                 has_alpha = _has_alpha(img)
     except Exception as exc:  # PIL raises many types for garbage (UnidentifiedImageError, SyntaxError, ...)
         raise BadSample("image_unreadable", f"cannot read image header: {exc}") from None
     if fmt not in IMAGE_FORMATS:
         raise BadSample("image_unreadable", f"unsupported image format {fmt}")
-    complete = {"JPEG": _jpeg_complete, "PNG": _png_complete, "WEBP": _webp_complete}[fmt]
-    if not complete(data):
+    if not _COMPLETE[fmt](data):
         raise BadSample("image_truncated", f"{fmt} data ends before its end marker ({len(data)} bytes)")
     if orientation in TRANSPOSED_ORIENTATIONS:
         height, width = width, height
@@ -142,6 +176,9 @@ def probe_image(data: bytes, *, min_side: int = 1) -> tuple[int, int]:
     return info.height, info.width
 
 
+HIGH_BIT_GREY_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # 16-bit grey, or PIL's 32-bit view of it
+
+
 def _has_alpha(img: Image.Image) -> bool:
     # transformers' convert_to_rgb rule: an alpha band, or a palette/grey image with a transparent colour
     return "A" in img.getbands() or img.info.get("transparency") is not None
@@ -152,10 +189,16 @@ def decode_image_pil(data: bytes) -> np.ndarray:
 
     This is what the HF processor makes of the image (its convert_to_rgb composites onto white); DALI
     decodes opaque images identically, images with transparency are always decoded here.
+    16-bit greyscale (PNG/TIFF) is scaled to 8 bits as round(v / 257), as DALI does; PIL's own
+    ``convert("RGB")`` (and so the HF processor given such a PIL image) clips every value above 255 to white.
+    16-bit RGB PNGs are read by PIL as their high bytes, which is DALI's rounding within one level.
     """
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         img = ImageOps.exif_transpose(img)
+        if img.mode in HIGH_BIT_GREY_MODES:
+            grey = np.round(np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8)
+            return np.repeat(grey[:, :, None], 3, axis=2)
         if _has_alpha(img):
             rgba = img.convert("RGBA")
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -196,6 +239,11 @@ def normalize(frames: np.ndarray) -> np.ndarray:
     return (scaled - CLIP_MEAN) / CLIP_STD
 
 
+# Every uint8 value of every channel, normalized with the processor's exact arithmetic (normalize above): a
+# lookup gives bit-identical values in one gather, instead of float64/float32 passes over the whole image.
+_NORMALIZED = normalize(np.arange(256, dtype=np.uint8)[:, None].repeat(3, axis=1))  # (256, 3) float32
+
+
 def patchify(frames: np.ndarray, merge_size: int = MERGE_SIZE) -> tuple[np.ndarray, tuple[int, int, int]]:
     """Normalized float32 frames (T, H, W, 3), T a multiple of 2, -> (T/2 * H/14 * W/14, 1176) and (t, h, w).
 
@@ -213,11 +261,33 @@ def patchify(frames: np.ndarray, merge_size: int = MERGE_SIZE) -> tuple[np.ndarr
     return np.ascontiguousarray(x).reshape(grid_t * grid_h * grid_w, -1), (grid_t, grid_h, grid_w)
 
 
+def _lookup(rows: np.ndarray, frames_per_row: int) -> np.ndarray:
+    """uint8 patch rows (N, 3 * k), columns channel-major, -> normalized float32 (N, 3 * frames_per_row * k),
+    each channel's k values written ``frames_per_row`` times (a still image's two identical frames)."""
+    n, k = rows.shape[0], rows.shape[1] // 3
+    grouped = rows.reshape(n, 3, k)
+    out = np.empty((n, 3, frames_per_row, k), np.float32)
+    for c in range(3):
+        values = _NORMALIZED[:, c][grouped[:, c]]  # (N, k): one gather through the channel's table
+        for f in range(frames_per_row):
+            out[:, c, f] = values
+    return out.reshape(n, -1)
+
+
 def image_to_patches(resized: np.ndarray, merge_size: int = MERGE_SIZE):
-    """One resized uint8 (H, W, 3) image -> ``pixel_values`` rows and its (1, h, w) grid."""
-    normed = normalize(resized)
-    # a still image is two identical frames (temporal patch 2)
-    return patchify(np.broadcast_to(normed, (TEMPORAL_PATCH_SIZE, *normed.shape)), merge_size)
+    """One resized uint8 (H, W, 3) image -> ``pixel_values`` rows and its (1, h, w) grid.
+
+    Bit-identical to ``patchify(normalize(two copies of the image))`` (tests/data/test_vision.py), about twice
+    as fast: the bytes of one frame are rearranged, then each goes through the lookup table into both frames.
+    """
+    height, width, channels = resized.shape
+    if height % (PATCH_SIZE * merge_size) or width % (PATCH_SIZE * merge_size):
+        raise ValueError(f"image of shape {resized.shape} is not divisible into patches")
+    gh, gw = height // PATCH_SIZE, width // PATCH_SIZE
+    x = resized.reshape(gh // merge_size, merge_size, PATCH_SIZE, gw // merge_size, merge_size, PATCH_SIZE, channels)
+    # (bh, mh, ph, bw, mw, pw, C) -> (bh, bw, mh, mw, C, ph, pw): patch rows, channel-major
+    rows = np.ascontiguousarray(x.transpose(0, 3, 1, 4, 6, 2, 5)).reshape(gh * gw, -1)
+    return _lookup(rows, TEMPORAL_PATCH_SIZE), (1, gh, gw)
 
 
 def video_to_patches(resized_frames: np.ndarray, merge_size: int = MERGE_SIZE):
@@ -225,7 +295,8 @@ def video_to_patches(resized_frames: np.ndarray, merge_size: int = MERGE_SIZE):
     last frame, as the HF video processor does."""
     if resized_frames.shape[0] % TEMPORAL_PATCH_SIZE:
         resized_frames = np.concatenate([resized_frames, resized_frames[-1:]], axis=0)
-    return patchify(normalize(resized_frames), merge_size)
+    rows, grid = patchify(resized_frames, merge_size)  # uint8 rows, columns (channel, frame, row, col)
+    return _lookup(rows, 1), grid
 
 
 def sample_frame_indices(num_frames: int, max_frames: int) -> np.ndarray:

@@ -10,6 +10,7 @@ import json
 import os
 import resource
 import time
+import uuid
 
 import torch
 
@@ -20,10 +21,38 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-class MetricsLogger:
-    """Rank 0 only: writes run_dir/metrics.jsonl and TensorBoard events; prints the console line."""
+def _init_wandb(run_dir: str, settings: dict, config: dict | None):
+    """A W&B run (resumed when run_dir already has one), or None when wandb is not installed."""
+    try:
+        import wandb
+    except ImportError:
+        print("[train] logging.wandb_project is set but wandb is not installed (pip install wandb): "
+              "no W&B logging (metrics.jsonl is written)")
+        return None
+    id_path = os.path.join(run_dir, "wandb_run_id.txt")
+    run_id = open(id_path).read().strip() if os.path.isfile(id_path) else uuid.uuid4().hex[:12]
+    run = wandb.init(project=settings["project"], entity=settings.get("entity"),
+                     name=settings.get("name") or os.path.basename(os.path.normpath(run_dir)), id=run_id,
+                     resume="allow", dir=run_dir, config=config, mode=settings.get("mode"))
+    if not os.path.isfile(id_path):
+        tmp = f"{id_path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(run_id)
+        os.replace(tmp, id_path)
+    return run
 
-    def __init__(self, run_dir: str, *, log_interval: int, tensorboard: bool, max_steps: int):
+
+def _scalars(record: dict):
+    return {k: v for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iteration" and v == v}
+
+
+class MetricsLogger:
+    """Rank 0 only: writes run_dir/metrics.jsonl, TensorBoard events and (optionally) W&B; prints the console
+    line. ``wandb`` = {"project", "entity", "name", "mode"} turns W&B on."""
+
+    def __init__(self, run_dir: str, *, log_interval: int, tensorboard: bool, max_steps: int,
+                 wandb: dict | None = None, config: dict | None = None):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.log_interval, self.max_steps = log_interval, max_steps
         self.writer = None
@@ -34,6 +63,7 @@ class MetricsLogger:
                 self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
             except ImportError:
                 print("[train] tensorboard is not installed: no TensorBoard events (metrics.jsonl is written)")
+        self.wandb = _init_wandb(run_dir, wandb, config) if wandb and wandb.get("project") else None
         self._step_times: list[float] = []
         self._file = open(self.path, "a")
 
@@ -45,6 +75,8 @@ class MetricsLogger:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "iteration" and value == value:
                     self.writer.add_scalar(f"train/{key}", value, it)
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in _scalars(record).items()}, step=it)
         self._step_times.append(record["step_time_s"])
         if it % self.log_interval == 0 or it == self.max_steps:
             recent = self._step_times[-20:]
@@ -64,6 +96,8 @@ class MetricsLogger:
         self._file.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def _fmt_time(seconds: float) -> str:

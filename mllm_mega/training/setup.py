@@ -65,6 +65,15 @@ def resolve_arch(cfg: Config, text) -> ModelArch:
     return arch
 
 
+def recompute_of(cfg: Config) -> dict:
+    """build_model's recompute_vision / recompute_llm from the config."""
+    from mllm_mega.models.qwen2_vl.configuration import Recompute
+
+    m = cfg.model
+    return {f"recompute_{tower}": Recompute(getattr(m, f"recompute_{tower}"), m.recompute_method,
+                                            m.recompute_num_layers) for tower in ("vision", "llm")}
+
+
 def layout_of(cfg: Config) -> ParallelLayout:
     p = cfg.parallel
     return ParallelLayout(p.tp, p.pp, sequence_parallel=p.sequence_parallel,
@@ -96,19 +105,27 @@ def wrap_ddp(model, cfg: Config):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed import finalize_model_grads
 
+    p = cfg.parallel
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        grad_reduce_in_fp32=True,  # fp32 main grads (the DDP buffers) also for bf16 parameters
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather,
+        use_distributed_optimizer=p.distributed_optimizer,
         check_for_nan_in_grad=False,  # our NaN guard skips the step instead of raising
-        bucket_size=None if not torch.cuda.is_available() else 40_000_000,
+        bucket_size=p.ddp_bucket_size,  # megatron: one bucket unless overlapping, then max(40M, 1M x DP)
     )
     config = model.config
     # the loss is already divided by the global weight sum: megatron must neither average over
     # micro-batches nor over data-parallel ranks (calculate_per_token_loss turns both off)
     config.calculate_per_token_loss = True
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = finalize_model_grads  # waits for (or runs) the grad reduction
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    if p.overlap_grad_reduce:
+        # the schedules run every micro-batch but the last under no_sync, so a bucket is reduced once per
+        # step, when its grads of the last micro-batch are ready (as Megatron-LM's training loop sets it)
+        config.no_sync_func = ddp.no_sync
+    # overlap_param_gather: the optimizer step skips the all-gather; DDP's forward pre-hooks gather each
+    # bucket before its first use, and the trainer forces a synchronous gather before saving
     return ddp
 
 

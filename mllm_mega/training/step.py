@@ -49,7 +49,8 @@ def _to_device(batch: dict) -> dict:
     return {k: v.cuda(non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def train_step(ddp_model, optimizer, microbatches: list[dict], *, kernels: str, dp_group, inject_nan: bool = False):
+def train_step(ddp_model, optimizer, microbatches: list[dict], *, kernels: str, dp_group, inject_nan: bool = False,
+               inject_nan_grad: bool = False):
     """Forward/backward over ``microbatches`` (this DP rank's share) and, unless NaN/Inf, the optimizer step.
 
     Returns a dict: loss (global weighted mean, on every rank), weight_sum (global), grad_norm, skipped (bool).
@@ -92,6 +93,8 @@ def train_step(ddp_model, optimizer, microbatches: list[dict], *, kernels: str, 
         forward_step_func=forward_step, data_iterator=iter(microbatches), model=[ddp_model],
         num_microbatches=len(microbatches), seq_length=seq, micro_batch_size=1, forward_only=False)
     # loss sums live on the last pipeline stage (identical over TP ranks): gather them everywhere
+    if inject_nan_grad and dist.get_rank() == 0:  # testing aid: one rank's gradient only, the loss stays finite
+        ddp_model.buffers[0].grad_data.view(-1)[0] = float("nan")
     stats = torch.zeros(2, dtype=torch.float64)
     if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
         stats[0] = sum(float(x["loss_sum"]) for x in losses)

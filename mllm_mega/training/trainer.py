@@ -58,7 +58,8 @@ class Trainer:
         self.arch = setup.resolve_arch(cfg, self.text)
         self.dtype = setup.resolve_dtype(cfg)
         self.kernels = cfg.model.kernels
-        self.model = build_model(self.arch, setup.layout_of(cfg), kernels=self.kernels, params_dtype=self.dtype)
+        self.model = build_model(self.arch, setup.layout_of(cfg), kernels=self.kernels, params_dtype=self.dtype,
+                                 **setup.recompute_of(cfg))
         self.start_iteration = 0
         # collective: verifies the manifest; a bad latest checkpoint falls back to the newest intact one
         resume_from = resume.select_resume_iteration(self.ckpt_dir, log=self._print) \
@@ -71,7 +72,10 @@ class Trainer:
                        "llm": cfg.stage.freeze_llm}
         self.ddp = setup.wrap_ddp(self.model, cfg)
         self.optimizer, self.scheduler = setup.build_optimizer(self.ddp, cfg, self.dtype)
-        self.loader = build_train_loader(cfg.data, dp_rank=self.dp_rank, dp_size=self.dp_size,
+        # same_data_at_any_dp (testing aid): every rank reads the DP-1 stream and keeps its share of each batch
+        self.shared_stream = cfg.train.same_data_at_any_dp and self.dp_size > 1
+        loader_dp = (0, 1) if self.shared_stream else (self.dp_rank, self.dp_size)
+        self.loader = build_train_loader(cfg.data, dp_rank=loader_dp[0], dp_size=loader_dp[1],
                                          spatial_merge_size=self.arch.vision.spatial_merge_size,
                                          tokens_per_second=self.arch.vision.tokens_per_second
                                          if self.arch.family == "qwen2_5_vl" else None)
@@ -116,6 +120,8 @@ class Trainer:
     def save(self, iteration: int) -> None:
         """Collective save of everything a resume needs (model only at iteration 0: no optimizer state yet)."""
         ckpt.finalize_async_saves(self.async_queue, blocking=True)
+        if self.cfg.parallel.overlap_param_gather:  # the last step's update is not gathered until a forward
+            self.ddp.start_param_sync(force_sync=True)
         self._check_finite_state(iteration)
         if self.rank == 0:
             ckpt.write_meta(self.ckpt_dir, {"hf_config": self.arch.hf_config, "source_dtype": str(self.dtype)[6:],
@@ -254,7 +260,11 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------------------
     def _next_microbatches(self) -> tuple[list[dict], float, dict]:
         mbs = self.cfg.train.micro_batch_size
-        packs = [next(self.loader) for _ in range(self.num_microbatches * mbs)]
+        if self.shared_stream:  # the global batch in DP-1 order; this rank's contiguous share of it
+            share = self.num_microbatches * mbs
+            packs = [next(self.loader) for _ in range(share * self.dp_size)][self.dp_rank * share:][:share]
+        else:
+            packs = [next(self.loader) for _ in range(self.num_microbatches * mbs)]
         flops = sum(pack_flops(self.arch, p, self.multipliers) for p in packs)
         counts = {"real_tokens": sum(int(p["num_real_tokens"]) for p in packs),
                   "samples": sum(int(p["num_samples"]) for p in packs)}
@@ -265,8 +275,11 @@ class Trainer:
         cfg = self.cfg
         if self.rank == 0:  # rows after the resumed checkpoint are redone now: drop the first attempt's
             resume.truncate_metrics(cfg.run_dir, self.start_iteration)
-        logger = MetricsLogger(cfg.run_dir, log_interval=cfg.logging.log_interval,
-                               tensorboard=cfg.logging.tensorboard, max_steps=cfg.train.max_steps) \
+        lg = cfg.logging
+        wandb = {"project": lg.wandb_project, "entity": lg.wandb_entity, "name": lg.wandb_run_name,
+                 "mode": lg.wandb_mode}
+        logger = MetricsLogger(cfg.run_dir, log_interval=lg.log_interval, tensorboard=lg.tensorboard,
+                               max_steps=cfg.train.max_steps, wandb=wandb, config=cfg.to_dict()) \
             if self.rank == 0 else None
         iteration, last_saved = self.start_iteration, self.start_iteration
         if cfg.checkpoint.save_initial and iteration == 0:
@@ -285,7 +298,8 @@ class Trainer:
                 micro, flops, counts = self._next_microbatches()
                 iteration += 1
                 result = train_step(self.ddp, self.optimizer, micro, kernels=self.kernels, dp_group=self.dp_group,
-                                    inject_nan=iteration in cfg.train.inject_nan_at)
+                                    inject_nan=iteration in cfg.train.inject_nan_at,
+                                    inject_nan_grad=iteration in cfg.train.inject_nan_grad_at)
                 if result["skipped"]:
                     self.nan_skipped_steps += 1
                     self.nan_in_a_row += 1

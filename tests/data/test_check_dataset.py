@@ -109,3 +109,16 @@ def test_shard_problems_are_reported_with_the_shard(bad_dataset):
     keys = [raw.key for raw, _ in iter_shard(str(bad_dataset / "train" / "bad-b.tar"), events=events)]
     assert keys == ["b0", "b1", "b2"]
     assert [e.reason for e in events] == ["truncated_tar"] and "bad-b.tar" in events[0].message
+
+
+def test_dataset_root_is_named_with_the_split_to_use(tmp_path):
+    """The synthetic tool writes ROOT/train and ROOT/eval: --data ROOT exits 2 pointing at ROOT/train."""
+    root = tmp_path / "synth"
+    synthetic.make_dataset(str(root), 4, 0, num_eval=2, samples_per_shard=4)
+    res = subprocess.run([sys.executable, "tools/check_dataset.py", "--data", str(root)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert f"did you mean '{root / 'train'}'" in res.stderr
+    res = subprocess.run([sys.executable, "tools/check_dataset.py", "--data", str(root / "train")], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and json.loads(res.stdout.splitlines()[-1])["samples_ok"] == 4, res.stderr[-2000:]

@@ -105,3 +105,38 @@ def test_dali_gpu_decode_matches_cpu():
     for a, b in zip(gpu, cpu):
         # nvJPEG's IDCT and chroma upsampling differ slightly from libjpeg-turbo's
         assert a.shape == b.shape and np.abs(a.astype(int) - b).mean() < 2
+
+
+def _corrupt_scan(jpeg: bytes) -> bytes:
+    """Headers, tables and the end marker intact (passes every header check), the scan cut short inside:
+    libjpeg decodes it with grey blocks and only a "Corrupt JPEG data" warning."""
+    sos = jpeg.rfind(b"\xff\xda")
+    return jpeg[:sos + 300] + jpeg[-2:]
+
+
+def test_corrupt_scan_data_is_an_error_not_grey_blocks(decoder, capfd):
+    good_a, good_b = _jpeg(48, 64, 1), _jpeg(40, 56, 2)
+    bad = _corrupt_scan(_jpeg(64, 80, 3))
+    V.inspect_image(bad)  # the header checks cannot see it
+    out = decoder.decode([good_a, bad, good_b])
+    assert isinstance(out[1], dali_decode.CorruptImageError) and "Corrupt JPEG data" in str(out[1])
+    # the good images of the batch are decoded as on their own
+    np.testing.assert_array_equal(out[0], decoder.decode([good_a])[0])
+    np.testing.assert_array_equal(out[2], decoder.decode([good_b])[0])
+    assert "Corrupt JPEG data" not in capfd.readouterr().err  # turned into the error, not printed
+
+
+def test_corrupt_jpeg_skipped_by_the_dali_loader(tmp_path):
+    from mllm_mega.data import synthetic
+    from mllm_mega.data.config import DataConfig
+    from mllm_mega.data.loader import build_train_loader
+    from mllm_mega.data.shards import write_shard
+
+    synthetic.make_dataset(str(tmp_path / "d"), 2, seed=0, num_eval=1, samples_per_shard=2)
+    write_shard(str(tmp_path / "s.tar"), [("bad", {"jpg": _corrupt_scan(_jpeg(64, 80, 3)), "txt": b"a cat"}),
+                                          ("good", {"jpg": _jpeg(64, 80, 4), "txt": b"a dog"})])
+    cfg = DataConfig(data_path=str(tmp_path / "s.tar"), tokenizer_dir=str(tmp_path / "d" / "tokenizer"),
+                     seq_len=1024, buffer_size=8, jpeg_prob=0.0, epochs=1, decoder="dali", prefetch=0)
+    loader = build_train_loader(cfg, dp_rank=0, dp_size=1)
+    keys = [k for batch in loader for k in batch["sample_keys"]]
+    assert keys == ["good"] and loader.skip_counts == {"image_decode_error": 1}

@@ -159,3 +159,96 @@ def test_gpu_decoding_loader_matches_cpu(dataset):
         # (1/255 / CLIP std ~ 0.015 per level in normalized units)
         diff = (a["pixel_values"] - b["pixel_values"]).abs()
         assert diff.mean() < 0.03 and diff.max() < 0.6
+
+
+# --- systematic failure: loud and bounded, never an endless loop -----------------------------------------
+def _next_within(loader, seconds=120):
+    """next(loader) in a thread: a loader that loops forever fails the test instead of hanging it."""
+    import threading
+
+    out = {}
+
+    def run():
+        try:
+            out["batch"] = next(loader)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out["exc"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"next() did not return within {seconds}s (skips so far: {loader._skip_counts})"
+    return out
+
+
+def _broken_decoder(monkeypatch, fail_every=1):
+    """PIL decoding that fails on every ``fail_every``-th call (1: always), as a broken install would."""
+    from mllm_mega.data import loader as loader_mod
+
+    real, calls = loader_mod.decode_image_pil, [0]
+
+    def decode(data):
+        calls[0] += 1
+        if calls[0] % fail_every == 0:
+            raise OSError("simulated broken decoder")
+        return real(data)
+
+    monkeypatch.setattr(loader_mod, "decode_image_pil", decode)
+    return calls
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_every_decode_failing_raises_with_reason_counts(dataset, monkeypatch, prefetch):
+    from mllm_mega.data.loader import DataPipelineError
+
+    _broken_decoder(monkeypatch)
+    loader = build_train_loader(_cfg(dataset, decoder="pil", prefetch=prefetch), dp_rank=0, dp_size=1)
+    out = _next_within(loader)
+    assert isinstance(out.get("exc"), DataPipelineError), out
+    msg = str(out["exc"])
+    # default max_consecutive_skips=1000, but two epochs' worth (2 x 64 samples) comes first
+    assert "128 samples in a row" in msg and "two epochs' worth: 64 samples per epoch" in msg, msg
+    assert sum(loader._skip_counts.values()) == 128 and f"Skips by reason: {dict(sorted(loader._skip_counts.items()))}" in msg
+    assert loader._skip_counts["image_decode_error"] > 100  # (the frame-sequence videos count as video_error)
+    assert "simulated broken decoder" in msg and "Traceback" in msg  # the first failure, with its traceback
+    loader.close()
+
+
+def test_consecutive_skip_limit_is_exact_and_resets_on_success(dataset, monkeypatch):
+    from mllm_mega.data.loader import DataPipelineError
+
+    _broken_decoder(monkeypatch)
+    loader = build_train_loader(_cfg(dataset, decoder="pil", prefetch=0, max_consecutive_skips=5),
+                                dp_rank=0, dp_size=1)
+    with pytest.raises(DataPipelineError, match=r"5 samples in a row .*data.max_consecutive_skips=5"):
+        next(loader)
+    assert sum(loader._skip_counts.values()) == 5
+    # one image in three failing is bad data, not a systematic failure: a good sample resets the run
+    monkeypatch.undo()
+    _broken_decoder(monkeypatch, fail_every=3)
+    loader = build_train_loader(_cfg(dataset, decoder="pil", prefetch=0, max_consecutive_skips=5),
+                                dp_rank=0, dp_size=1)
+    for _ in range(12):  # past the end of the first epoch
+        next(loader)
+    assert loader.skip_counts.get("image_decode_error", 0) >= 10
+
+
+def test_unreadable_shards_raise_instead_of_looping(dataset, tmp_path):
+    from mllm_mega.data.loader import DataPipelineError
+
+    for i in range(2):
+        (tmp_path / f"bad-{i}.tar").write_bytes(b"not a tar file" * 100)
+    loader = build_train_loader(_cfg(dataset, data_path=str(tmp_path), prefetch=0), dp_rank=0, dp_size=1)
+    out = _next_within(loader)
+    assert isinstance(out.get("exc"), DataPipelineError), out
+    assert "read no sample from any of its 2 shard(s)" in str(out["exc"])
+
+
+def test_default_jpeg_quality_range():
+    """InternVL2.5's augmentation: JPEG quality uniform in [75, 100] (../shared/ANCHORS.md)."""
+    from mllm_mega.data.vision import jpeg_quality_for
+
+    cfg = DataConfig()
+    assert cfg.jpeg_quality == (75, 100) and cfg.jpeg_prob == 0.5
+    qs = [jpeg_quality_for(0, 0, f"k{i}", 0, 1.0, cfg.jpeg_quality) for i in range(2000)]
+    assert min(qs) == 75 and max(qs) == 100

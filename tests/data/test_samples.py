@@ -109,7 +109,10 @@ def test_video_frames_resized_with_video_limits(text, tok_dir):
 def test_all_bad_data_stops_instead_of_spinning(tok_dir, tmp_path):
     write_shard(str(tmp_path / "bad.tar"), [(f"s{i}", {"jpg": b"junk", "txt": b"x"}) for i in range(3)])
     cfg = DataConfig(data_path=str(tmp_path), tokenizer_dir=tok_dir, prefetch=0)
-    with pytest.raises(RuntimeError, match="no usable sample"):
+    from mllm_mega.data.loader import DataPipelineError
+
+    # 3 samples per epoch, all unreadable: two epochs' worth in a row stops the loader, naming the reason
+    with pytest.raises(DataPipelineError, match=r"6 samples in a row .*'image_unreadable': 6"):
         next(build_train_loader(cfg, dp_rank=0, dp_size=1))
 
 

@@ -10,8 +10,9 @@ from mllm_mega.models.qwen2_vl.tiny import build_tiny_hf_model, tiny_hf_config_d
 from mllm_mega.parallel.initialize import initialize_distributed
 from tests.conftest import run_cmd
 
-# fp32 end to end; the differences are reduction-order rounding (~1e-7 relative), far below this.
-ATOL = 1e-5
+# fp32 end to end; the differences are reduction-order rounding: measured 2.7-3.6e-7 (both families, every
+# case, TP1/TP2/PP2). A tanh-approximate GELU in the merger gives 3.6e-5, a wrong ViT weight far more.
+ATOL = 1e-6
 
 
 def _ours_and_hf(family, **kwargs):
@@ -20,7 +21,7 @@ def _ours_and_hf(family, **kwargs):
     arch = arch_from_hf_config(tiny_hf_config_dict(family, **kwargs))
     model = build_model(arch).eval()
     sd = {normalize_hf_key(k): v for k, v in hf.state_dict().items()}
-    model.load_state_dict(dict(hf_to_ours(arch, sd.__getitem__)), strict=False)
+    model.load_state_dict(dict(hf_to_ours(arch, sd.__getitem__)), strict=True)
     return arch, model, hf
 
 
@@ -106,5 +107,5 @@ def test_tp2_backward_matches_tp1(imported, family):
     assert res.returncode == 0, res.stderr[-3000:]
     last = res.stdout.strip().splitlines()[-1]
     assert "mismatch" not in res.stdout, res.stdout
-    # fp32; TP changes only the reduction order of the matmuls (relative rounding ~1e-6).
-    assert float(last.split("max_rel_grad_diff=")[1]) < 1e-4
+    # fp32; TP changes only the reduction order of the matmuls: measured max rel grad diff 8.9e-7 / 9.3e-7
+    assert float(last.split("max_rel_grad_diff=")[1]) < 5e-6

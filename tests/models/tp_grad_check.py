@@ -54,7 +54,7 @@ def main():
     for name, r in ref.items():
         diff = (got[name] - r).abs().max().item() / max(r.abs().max().item(), 1e-12)
         worst = max(worst, diff)
-        if diff > 1e-4 and dist.get_rank() == 0:
+        if diff > 5e-6 and dist.get_rank() == 0:  # the test's tolerance (measured ~9e-7)
             print(f"grad mismatch {name}: rel {diff:.3e}")
     if dist.get_rank() == 0:
         print(f"params={len(ref)} max_rel_grad_diff={worst:.3e}")

@@ -46,7 +46,7 @@ def test_export_of_a_tp2_or_pp2_checkpoint_loads_in_transformers_and_verifies(hf
     last = res.stdout.strip().splitlines()[-1]
     max_abs = float(last.split()[0].split("=")[1])
     print(f"{run}: verify {last}")
-    assert max_abs < 1e-4
+    assert max_abs < 1e-6  # fp32: measured 2.7-3.0e-7
 
 
 def test_export_dtype_and_hf_extra(hf_dirs, ckpts, tmp_path):

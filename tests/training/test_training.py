@@ -29,9 +29,10 @@ def test_same_loss_at_tp2_and_pp2(initial, tmp_path, layout):
     ref, got = metrics(initial["run_dir"]), metrics(run_dir)
     assert len(got) == 3
     for a, b in zip(ref, got):
-        # fp32; TP/PP change the reduction order of the matmuls and the loss (~1e-7 relative)
-        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["loss"], b["loss"])
-        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4), (a["grad_norm"], b["grad_norm"])
+        # fp32; TP/PP change the reduction order of the matmuls: measured loss rel diff 0 (3 steps, TP2 and PP2),
+        # grad norm rel diff 3e-8 - 1.8e-7
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-6), (a["loss"], b["loss"])
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-6), (a["grad_norm"], b["grad_norm"])
         assert a["loss_weight_sum"] == b["loss_weight_sum"]
     # the run's checkpoint (model + optimizer, saved at this layout) exports to HF and matches HF's logits
     hf = str(tmp_path / "hf")
@@ -45,7 +46,8 @@ def test_same_loss_at_tp2_and_pp2(initial, tmp_path, layout):
     transformers.AutoImageProcessor.from_pretrained(hf)
     res = run_cmd(["tools/convert_checkpoint.py", "verify", "--hf-dir", hf, "--load", f"{run_dir}/checkpoints"])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert float(res.stdout.strip().splitlines()[-1].split()[0].split("=")[1]) < 1e-4
+    # fp32: measured ~3e-7; a tanh-approximate GELU in the merger gives 3.6e-5
+    assert float(res.stdout.strip().splitlines()[-1].split()[0].split("=")[1]) < 1e-6
 
 
 def test_microbatch_split_invariance(initial, tmp_path):
@@ -66,17 +68,41 @@ def test_microbatch_split_invariance(initial, tmp_path):
 
 
 def test_nan_is_skipped_and_counted(initial, tmp_path):
+    """A NaN loss (step 2) and a NaN in one gradient element only, with a finite loss (step 3), are skipped."""
     run_dir = str(tmp_path / "run")
-    res = train(initial["cfg"], f"run_dir={run_dir}", "train.max_steps=3", "train.inject_nan_at=[2]",
-                f"model.init_from={initial['init']}")
+    res = train(initial["cfg"], f"run_dir={run_dir}", "train.max_steps=4", "train.inject_nan_at=[2]",
+                "train.inject_nan_grad_at=[3]", f"model.init_from={initial['init']}")
     assert_ok(res)
     m = metrics(run_dir)
-    assert [r["skipped_step"] for r in m] == [False, True, False]
-    assert m[-1]["nan_skipped_steps"] == 1 and math.isnan(m[1]["loss"])
-    assert "NaN/Inf in loss or gradients, step skipped" in res.stdout
-    # the skipped step did not touch the weights: step 3 sees the weights after step 1 only, so its loss
-    # differs from the reference run's (which updated twice) yet is finite
-    assert math.isfinite(m[2]["loss"]) and m[2]["loss"] != metrics(initial["run_dir"])[2]["loss"]
+    assert [r["skipped_step"] for r in m] == [False, True, True, False]
+    assert [r["nan_skipped_steps"] for r in m] == [0, 1, 2, 2] and math.isnan(m[1]["loss"])
+    assert math.isfinite(m[2]["loss"]) and math.isnan(m[2]["grad_norm"])  # only the gradient was bad
+    assert res.stdout.count("NaN/Inf in loss or gradients, step skipped") == 2
+    # the skipped steps did not touch the weights: steps 2-4 see the weights after step 1 only, so their
+    # losses differ from the reference run's (which updated every step) yet are finite
+    ref = metrics(initial["run_dir"])
+    assert m[0]["loss"] == ref[0]["loss"]
+    assert math.isfinite(m[3]["loss"]) and m[2]["loss"] != ref[2]["loss"]
+    assert all(math.isfinite(p) for r in m[3:] for p in (r["loss"], r["grad_norm"]))
+
+
+def test_dp2_equals_dp1_for_the_same_global_batch(initial, tmp_path):
+    """DP2 (one micro-batch per rank) vs DP1 (both micro-batches on one rank) on the same global batches:
+    the loss-weight denominator and the gradients are summed over DP ranks, so losses and grad norms agree to
+    fp32 rounding. Also: a NaN in one rank's gradient only (step 4) makes every rank skip the step."""
+    run_dir = str(tmp_path / "run")
+    res = train(initial["cfg"], f"run_dir={run_dir}", "train.max_steps=4", "train.same_data_at_any_dp=true",
+                "train.inject_nan_grad_at=[4]", f"model.init_from={initial['init']}", nproc=2)
+    assert_ok(res)
+    assert "dp=2" in res.stdout
+    ref, got = metrics(initial["run_dir"]), metrics(run_dir)
+    assert len(got) == 4
+    for a, b in zip(ref, got[:3]):
+        assert a["loss_weight_sum"] == b["loss_weight_sum"] and a["real_tokens"] == b["real_tokens"]
+        # measured: loss rel diff <= 1e-7, grad norm <= 1e-6 (the gradient all-reduce sums in another order)
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-6), (a["loss"], b["loss"])
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-5), (a["grad_norm"], b["grad_norm"])
+    assert got[3]["skipped_step"] and got[3]["nan_skipped_steps"] == 1
 
 
 def test_repeated_nans_stop_with_clear_message(initial, tmp_path):

@@ -232,8 +232,49 @@ class ParallelLayout:
     num_llm_layers_in_first_stage: int | None = None  # None = even split
 
 
+RECOMPUTE_GRANULARITIES = ("none", "selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
+
+
+@dataclass
+class Recompute:
+    """Activation recomputation of one tower, as megatron-core's ``recompute_*`` TransformerConfig fields.
+
+    ``selective`` = megatron's ``core_attn`` recompute: megatron's ``SelfAttention`` checkpoints its
+    ``core_attention`` slot, which here is our RoPE + packed attention, re-run in the backward (megatron's other
+    selective modules are not offered: ``mlp`` recurses in the backward on the ViT's biased MLP, whose
+    checkpoint returns the fc2 bias parameter itself; ``layernorm`` needs Transformer Engine).
+    ``full`` re-runs whole layers: ``uniform`` = every layer, checkpointed in chunks of ``num_layers``;
+    ``block`` = only the first ``num_layers`` layers of each pipeline stage (of the ViT for the vision tower).
+    """
+
+    granularity: str = "none"
+    method: str = "uniform"
+    num_layers: int = 1
+
+    def __post_init__(self):
+        for name, value, choices in (("granularity", self.granularity, RECOMPUTE_GRANULARITIES),
+                                     ("method", self.method, RECOMPUTE_METHODS)):
+            if value not in choices:
+                raise ValueError(f"recompute {name}={value!r}; expected one of {choices}")
+        if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 1:
+            raise ValueError(f"recompute num_layers must be a positive int, got {self.num_layers!r}")
+
+
+def _recompute_kwargs(r: Recompute | None, num_local_layers: int, where: str) -> dict:
+    if r is None or r.granularity == "none":
+        return {}
+    if r.granularity == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    if r.num_layers > num_local_layers or (r.method == "uniform" and num_local_layers % r.num_layers):
+        raise ValueError(f"{where}: recompute num_layers={r.num_layers} with method {r.method!r} does not fit "
+                         f"{num_local_layers} layers per stage (uniform needs a divisor, block at most that many)")
+    return {"recompute_granularity": "full", "recompute_method": r.method, "recompute_num_layers": r.num_layers}
+
+
 def to_transformer_configs(arch: ModelArch, layout: ParallelLayout, *, params_dtype=torch.float32,
-                           use_cpu_initialization: bool = True):
+                           use_cpu_initialization: bool = True, recompute_vision: Recompute | None = None,
+                           recompute_llm: Recompute | None = None):
     """The only conversion to megatron-core ``TransformerConfig``: returns (vision_config, llm_config)."""
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -273,6 +314,7 @@ def to_transformer_configs(arch: ModelArch, layout: ParallelLayout, *, params_dt
         layernorm_epsilon=v.norm_eps,
         sequence_parallel=False,  # the ViT runs on replicated patches; only its weights are split
         **{**common, "pipeline_model_parallel_size": 1},
+        **_recompute_kwargs(recompute_vision, v.depth, "vision"),
     )
     t = arch.text
     if t.num_kv_heads % tp or t.num_heads % tp:
@@ -289,9 +331,14 @@ def to_transformer_configs(arch: ModelArch, layout: ParallelLayout, *, params_dt
                 f"over the remaining {pp - 1} stages"
             )
         extra["num_layers_in_first_pipeline_stage"] = first
+        local_layers = [first, rest // (pp - 1)]
     elif t.num_layers % pp:
         raise ValueError(f"{t.num_layers} LLM layers do not split evenly over PP={pp}; "
                          "set num_llm_layers_in_first_stage")
+    else:
+        local_layers = [t.num_layers // pp]
+    for n in sorted({x for x in local_layers if x > 0}):  # full recompute must fit every stage's layers
+        extra.update(_recompute_kwargs(recompute_llm, n, "llm"))
     llm_cfg = TransformerConfig(
         num_layers=t.num_layers,
         hidden_size=t.hidden_size,

@@ -87,7 +87,7 @@ def _pipeline_forward(model, batch, seq_len):
 
 
 def verify(hf_dir: str, load: str, *, tp: int = 1, pp: int = 1, inputs_path: str | None = None,
-           atol: float = 1e-4, num_llm_layers_in_first_stage: int | None = None,
+           atol: float = 1e-6, num_llm_layers_in_first_stage: int | None = None,
            kernels: str = "torch") -> tuple[float, float]:
     """Run HF and our model (loaded from ``load`` at TP/PP) on the same inputs; returns (max_abs, rel)."""
     from megatron.core import parallel_state as ps

@@ -17,7 +17,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from mllm_mega.models.common.attention import make_packed_seq_params
 from mllm_mega.models.common.norm import TorchRMSNorm, TritonRMSNorm
-from mllm_mega.models.qwen2_vl.configuration import ModelArch, ParallelLayout, to_transformer_configs
+from mllm_mega.models.qwen2_vl.configuration import ModelArch, ParallelLayout, Recompute, to_transformer_configs
 from mllm_mega.models.qwen2_vl.rope_index import get_rope_index
 from mllm_mega.models.qwen2_vl.spec import layer_spec, resolve_kernels
 from mllm_mega.models.qwen2_vl.vision import VisionTransformer
@@ -123,14 +123,19 @@ def _num_local_layers(config) -> int:
 
 
 def build_model(arch: ModelArch, layout: ParallelLayout | None = None, *, kernels: str = "torch",
-                params_dtype=torch.float32) -> Qwen2VLModel:
-    """Build this rank's stage of the model (megatron's parallel_state must be initialised)."""
+                params_dtype=torch.float32, recompute_vision: Recompute | None = None,
+                recompute_llm: Recompute | None = None) -> Qwen2VLModel:
+    """Build this rank's stage of the model (megatron's parallel_state must be initialised).
+
+    ``params_dtype`` bf16 gives a model whose every parameter is bf16 (fp32 master weights are the
+    optimizer's); ``recompute_*`` set activation recomputation per tower (see ``Recompute``)."""
     layout = layout or ParallelLayout(
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
     )
     vision_cfg, llm_cfg = to_transformer_configs(arch, layout, params_dtype=params_dtype,
-                                                 use_cpu_initialization=not torch.cuda.is_available())
+                                                 use_cpu_initialization=not torch.cuda.is_available(),
+                                                 recompute_vision=recompute_vision, recompute_llm=recompute_llm)
     pre = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     post = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     model = Qwen2VLModel(arch, vision_cfg, llm_cfg, kernels=kernels, pre_process=pre, post_process=post)

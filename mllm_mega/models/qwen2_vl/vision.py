@@ -75,7 +75,7 @@ class PatchMerger(MegatronModule):
         unit = arch.spatial_merge_size ** 2
         self.merged_size = arch.hidden_size * unit
         norm_cls = TorchRMSNorm if arch.norm == "rmsnorm" else TorchLayerNorm
-        self.ln_q = norm_cls(hidden_size=arch.hidden_size, eps=1e-6)
+        self.ln_q = norm_cls(config, hidden_size=arch.hidden_size, eps=1e-6)
         self.fc1 = ColumnParallelLinear(self.merged_size, self.merged_size, config=config,
                                         init_method=config.init_method, bias=True, gather_output=False)
         self.fc2 = RowParallelLinear(self.merged_size, arch.out_hidden_size, config=config,
@@ -97,7 +97,7 @@ class VisionTransformer(MegatronModule):
         self.arch = arch
         self.merge = arch.spatial_merge_size
         # A Conv3d with stride == kernel over (C, T, P, P) patches is a matmul over the flattened patch.
-        self.patch_embed = nn.Linear(arch.patch_dim, arch.hidden_size, bias=False)
+        self.patch_embed = nn.Linear(arch.patch_dim, arch.hidden_size, bias=False, dtype=config.params_dtype)
         spec = layer_spec(causal=False, norm=arch.norm, kernels=kernels)
         self.layers = nn.ModuleList(
             [build_module(spec, config=config, layer_number=i + 1) for i in range(arch.depth)]
@@ -134,14 +134,40 @@ class VisionTransformer(MegatronModule):
         if self.window_units is not None:
             window = make_packed_seq_params(cu_window.to(device), _max_len(cu_window), pos.to(device),
                                             inv_freq, self.rope_sections)
-        hidden = hidden.unsqueeze(1)  # (T, 1, hidden): megatron's [s, b, h]
-        for i, layer in enumerate(self.layers):
-            params = full if i in self.full_layers else window
-            hidden, _ = layer(hidden, attention_mask=None, packed_seq_params=params)
+        hidden = self._run_layers(hidden.unsqueeze(1), full, window)  # (T, 1, hidden): megatron's [s, b, h]
         merged = self.merger(hidden.squeeze(1))
         if self.window_units is not None:
             merged = merged[torch.argsort(window_index).to(device)]
         return merged
+
+    def _run_layers(self, hidden, full, window):
+        """The layers, with megatron's full recompute (which lives in TransformerBlock, not used here) done
+        the same way: ``uniform`` checkpoints every chunk of ``recompute_num_layers`` layers, ``block`` only
+        the first ``recompute_num_layers`` layers. Selective recompute happens inside each layer's attention."""
+        from megatron.core import tensor_parallel
+
+        def run(start, end):
+            def forward(h):
+                for i in range(start, end):
+                    params = full if i in self.full_layers else window
+                    h, _ = self.layers[i](h, attention_mask=None, packed_seq_params=params)
+                return h
+
+            return forward
+
+        cfg, depth = self.config, len(self.layers)
+        if not (cfg.recompute_granularity == "full" and self.training and torch.is_grad_enabled()):
+            return run(0, depth)(hidden)
+        n = cfg.recompute_num_layers
+        if cfg.recompute_method == "uniform":
+            chunks = [(s, min(s + n, depth), True) for s in range(0, depth, n)]
+        else:  # block
+            chunks = [(i, i + 1, i < n) for i in range(depth)]
+        for start, end, recompute in chunks:
+            fn = run(start, end)
+            hidden = tensor_parallel.checkpoint(fn, cfg.distribute_saved_activations, hidden) if recompute \
+                else fn(hidden)
+        return hidden
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         # Vision layers are numbered locally (the tower lives whole on the first pipeline stage).
