@@ -149,6 +149,9 @@ class TrainConfig:
     same_data_at_any_dp: bool = False
     """Testing aid: every DP rank reads the whole (DP-size-1) data stream and keeps its share of each global
     batch, so runs at different DP sizes see the same global batches (DP x the data work)."""
+    allow_config_change: bool = False
+    """Resume even when seed, global batch size, data paths/seed, seq_len, loss reweighting or the model arch
+    changed (logged with the old and new values); by default such a resume is refused (exit 2)."""
     eval_num_captions: int = 4
     """Held-out images captioned with greedy decoding at the end of the run (0 = none)."""
     eval_max_new_tokens: int = 24

@@ -4,7 +4,9 @@
 
 e.g. ``run_dir=runs/a train.max_steps=100 checkpoint.save_interval=50``. The run resumes automatically from
 ``run_dir/checkpoints``; SIGTERM/SIGUSR1 save and exit 0. Exit codes: 0 done (or stopped by a signal after
-saving), 1 stopped by the NaN guard, 2 bad configuration or inputs.
+saving), 1 stopped by the NaN guard or a failed save (e.g. disk full), 2 bad configuration or inputs (a layout
+that does not divide the world size, a run_dir held by another run, a resume with a config that breaks exact
+continuation).
 """
 from __future__ import annotations
 
@@ -83,6 +85,45 @@ def caption_eval(trainer) -> list[dict]:
     return rows
 
 
+def startup(cfg):
+    """Collective, before anything is written into run_dir: rank 0 takes the run lock, removes a crashed run's
+    partial files, refuses a resume whose config breaks exact continuation, then writes config.yaml. Any
+    refusal is raised as ValueError on every rank (exit 2). Returns the lock (rank 0) or None."""
+    import torch.distributed as dist
+    import yaml
+
+    from mllm_mega.training import resume
+    from mllm_mega.training.checkpointing import atomic_write_text, complete_iterations, read_tracker
+    from mllm_mega.training.run_lock import RunLock
+
+    lock, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            lock = RunLock(cfg.run_dir)
+            lock.acquire()
+            resume.remove_partial_saves(cfg.run_dir)
+            ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
+            if cfg.checkpoint.resume and (complete_iterations(ckpt_dir) or read_tracker(ckpt_dir) != (None, None)):
+                resume.check_config_change(cfg.run_dir, cfg.to_dict(), allow=cfg.train.allow_config_change)
+            path = os.path.join(cfg.run_dir, "config.yaml")
+            try:
+                atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            except OSError as e:
+                raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
+        except ValueError as e:
+            error = str(e)
+            if lock is not None:
+                lock.release()  # only removes the lock if this run took it
+            lock = None
+    box = [error]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise ValueError(box[0])
+    return lock
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     from mllm_mega.config import load_config
@@ -95,18 +136,14 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from mllm_mega.parallel.initialize import initialize_distributed
-    from mllm_mega.training.checkpointing import atomic_write_text
+    from mllm_mega.training.checkpointing import CheckpointSaveError
     from mllm_mega.training.trainer import NaNStop, Trainer
 
-    initialize_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.seed)
-    code = 0
+    code, lock = 0, None
     try:
+        initialize_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.seed)  # a bad layout: exit 2
         ensure_synthetic_dataset(cfg)
-        if dist.get_rank() == 0:
-            import yaml
-
-            os.makedirs(cfg.run_dir, exist_ok=True)
-            atomic_write_text(os.path.join(cfg.run_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        lock = startup(cfg)
         trainer = Trainer(cfg)
         try:
             trainer.train()
@@ -114,13 +151,19 @@ def main(argv=None) -> int:
                 caption_eval(trainer)
         finally:
             trainer.close()
-    except NaNStop as e:
-        if dist.get_rank() == 0:
+    except (NaNStop, CheckpointSaveError) as e:
+        if dist.get_rank() == 0 or isinstance(e, CheckpointSaveError):
             _error(e)
         code = 1
     except (ValueError, FileNotFoundError) as e:
         _error(e)
         code = 2
+    except OSError as e:  # e.g. a full disk outside a checkpoint save (its message names the file)
+        _error(e)
+        code = 1
+    finally:
+        if lock is not None:
+            lock.release()
     if dist.is_initialized():
         dist.destroy_process_group()
     return code

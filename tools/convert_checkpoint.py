@@ -8,6 +8,9 @@
   python tools/convert_checkpoint.py roundtrip --hf-dir H [--tp T --pp P]
       # import -> (re-save at TP/PP) -> export -> every tensor bit-identical to H? exit 1 if not
   torchrun --nproc_per_node=T*P tools/convert_checkpoint.py reshard --load M --out M2 --tp T --pp P
+  python tools/convert_checkpoint.py check --load M
+      # every file of every checkpoint (ROOT: each iter_*, or one iter dir) against its manifest: prints
+      # `OK <dir>` or `BAD <dir>: <file>: <problem>` per checkpoint; exit 0 all intact, 1 any bad
 
 Errors (bad paths, non-checkpoint directories, a non-empty --out, ...) exit 2 with `error: ...` on stderr and
 leave nothing at --out.
@@ -25,6 +28,36 @@ def _fail(cmd: str, err: Exception) -> int:
     msg = err.args[0] if isinstance(err, KeyError) and err.args else err
     print(f"error: {cmd} failed: {msg}", file=sys.stderr)
     return 2
+
+
+def _check(load: str) -> int:
+    from mllm_mega.training import checkpointing as ckpt
+    from mllm_mega.training.integrity import MANIFEST
+    from mllm_mega.training.resume import checkpoint_problems
+
+    if not os.path.isdir(load):
+        return _fail("check", FileNotFoundError(f"{load!r} not found"))
+    dirs = [ckpt.iter_dir(load, it) for it in ckpt.complete_iterations(load)] or [load]
+    if dirs == [load] and not os.path.isfile(os.path.join(load, "metadata.json")):
+        return _fail("check", ValueError(f"{load!r} is neither a checkpoint root (no iter_* directory) nor a "
+                                         "checkpoint (no metadata.json)"))
+    tracked, tracker_problem = ckpt.read_tracker(load)
+    bad = bool(tracker_problem)
+    if tracker_problem:
+        print(f"BAD {tracker_problem}")
+    elif tracked is not None and not os.path.isdir(ckpt.iter_dir(load, tracked)):
+        print(f"BAD {os.path.join(load, ckpt.TRACKER)}: names iteration {tracked}, whose directory is missing")
+        bad = True
+    for d in dirs:
+        problems = checkpoint_problems(d)
+        if problems:
+            bad = True
+            print(f"BAD {d}: " + "; ".join(problems))
+        elif not os.path.isfile(os.path.join(d, MANIFEST)):
+            print(f"UNVERIFIED {d}: no {MANIFEST} (saved by an older version)")
+        else:
+            print(f"OK {d}")
+    return 1 if bad else 0
 
 
 def main(argv=None) -> int:
@@ -63,7 +96,11 @@ def main(argv=None) -> int:
     rs.add_argument("--tp", type=int, default=1)
     rs.add_argument("--pp", type=int, default=1)
     rs.add_argument("--num-llm-layers-in-first-stage", type=int, default=None)
+    c = sub.add_parser("check", help="verify checkpoint files against their manifests (sizes, content hashes)")
+    c.add_argument("--load", required=True, help="checkpoint root (every iter_* in it) or one iter_XXXXXXX")
     args = p.parse_args(argv)
+    if args.cmd == "check":
+        return _check(args.load)
 
     from mllm_mega.models.qwen2_vl import convert, export
 

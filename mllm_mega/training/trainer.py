@@ -24,7 +24,7 @@ import torch.distributed as dist
 from mllm_mega.config import Config
 from mllm_mega.models.qwen2_vl.spec import resolve_kernels
 from mllm_mega.training import checkpointing as ckpt
-from mllm_mega.training import setup
+from mllm_mega.training import integrity, resume, setup
 from mllm_mega.training.flops import device_peak_tflops, pack_flops, training_multipliers
 from mllm_mega.training.metrics import MetricsLogger, Timer, peak_memory_gb
 from mllm_mega.training.step import concat_packs, train_step
@@ -62,8 +62,9 @@ class Trainer:
         self.model = build_model(self.arch, setup.layout_of(cfg), kernels=self.kernels, params_dtype=self.dtype,
                                  **setup.recompute_of(cfg))
         self.start_iteration = 0
-        resume_from = ckpt.latest_iteration(self.ckpt_dir) if cfg.checkpoint.resume and \
-            os.path.isdir(self.ckpt_dir) else None
+        # collective: verifies the manifest; a bad latest checkpoint falls back to the newest intact one
+        resume_from = resume.select_resume_iteration(self.ckpt_dir, log=self._print) \
+            if cfg.checkpoint.resume and os.path.isdir(self.ckpt_dir) else None
         if resume_from is None and cfg.model.init_from:
             ckpt.load_model_weights(cfg.model.init_from, self.model)
             self._print(f"[train] initial weights from {cfg.model.init_from}")
@@ -122,6 +123,7 @@ class Trainer:
         ckpt.finalize_async_saves(self.async_queue, blocking=True)
         if self.cfg.parallel.overlap_param_gather:  # the last step's update is not gathered until a forward
             self.ddp.start_param_sync(force_sync=True)
+        self._check_finite_state(iteration)
         if self.rank == 0:
             ckpt.write_meta(self.ckpt_dir, {"hf_config": self.arch.hf_config, "source_dtype": str(self.dtype)[6:],
                                             "source": f"training run {os.path.abspath(self.cfg.run_dir)}"})
@@ -154,7 +156,20 @@ class Trainer:
                              keep_last=self.cfg.checkpoint.keep_last, write_extra=write_extra,
                              async_queue=self.async_queue)
         kind = "scheduled async save of" if self.async_queue is not None else "saved"
-        self._print(f"[train] {kind} {ckpt.iter_dir(self.ckpt_dir, iteration)} ({time.perf_counter() - t:.1f}s)")
+        hashing = "" if self.async_queue is not None else f", manifest {ckpt.last_save_stats['manifest_s']:.3f}s"
+        self._print(f"[train] {kind} {ckpt.iter_dir(self.ckpt_dir, iteration)} ({time.perf_counter() - t:.3f}s"
+                    f"{hashing})")
+
+    def _check_finite_state(self, iteration: int) -> None:
+        """Collective: refuse to save weights or optimizer state holding NaN/Inf as a good checkpoint."""
+        bad = integrity.nonfinite_state(self.model, self.optimizer)
+        flag = torch.tensor([0.0 if bad is None else 1.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            last = ckpt.latest_good_hint(self.ckpt_dir)
+            raise NaNStop(f"iteration {iteration}: NaN/Inf in the weights or optimizer state"
+                          f"{f' ({bad} on rank {self.rank})' if bad else ' (on another rank)'}; not saving it as a "
+                          f"checkpoint; the last good checkpoint is {last}")
 
     def _copy_tokenizer(self) -> None:
         """ROOT/hf_extra: the tokenizer files and an image processor config matching the data settings, so
@@ -186,8 +201,7 @@ class Trainer:
     def _load(self, iteration: int) -> None:
         path = ckpt.iter_dir(self.ckpt_dir, iteration)
         extra = os.path.join(path, "extra")
-        with open(os.path.join(extra, "train_state.json")) as f:
-            ts = json.load(f)
+        ts = resume.read_json(os.path.join(extra, "train_state.json"), "train state")
         saved, now = ts["layout"], self._layout()
         if ts["optimizer_sharding"] == "dp_reshardable" and (saved["tp"], saved["pp"]) != (now["tp"], now["pp"]):
             raise ValueError(
@@ -201,7 +215,8 @@ class Trainer:
             groups = _group_hparams(self.optimizer)  # before loading: the load writes into the live groups
             _materialize_optimizer_state(self.optimizer)
             state = ckpt.load_checkpoint(path, self._sharded_state_dict(is_loading=True,
-                                                                        sharding=ts["optimizer_sharding"]))
+                                                                        sharding=ts["optimizer_sharding"]),
+                                         verify=False)  # verified when it was selected
             with torch.no_grad():  # fp32 main params are views of the parameters
                 self.model.load_state_dict(state["model"], strict=True)
                 self.optimizer.load_state_dict(state["optimizer"])
@@ -215,16 +230,15 @@ class Trainer:
         self.nan_skipped_steps, self.nan_in_a_row = ts["nan_skipped_steps"], ts["nan_in_a_row"]
         same_layout = ts["layout"] == self._layout()
         data_path = os.path.join(extra, f"data_dp{self.dp_rank}.json")
-        if ts["layout"]["dp"] == self.dp_size and os.path.isfile(data_path):
-            with open(data_path) as f:
-                self.loader.load_state_dict(json.load(f))
+        if ts["layout"]["dp"] == self.dp_size:
+            self.loader.load_state_dict(resume.read_json(data_path, f"data-loader state of DP rank {self.dp_rank}"))
         else:
             raise ValueError(f"{path}: saved with data-parallel size {ts['layout']['dp']}, now {self.dp_size}; "
                              "the data-loader state cannot be split differently. Resume with the same DP size, "
                              "or start a new run with model.init_from pointing at this checkpoint")
         rng_path = os.path.join(extra, f"rng_rank{self.rank}.pt")
-        if same_layout and os.path.isfile(rng_path):
-            _set_rng_state(torch.load(rng_path, weights_only=False))
+        if same_layout:
+            _set_rng_state(resume.read_torch(rng_path, f"RNG states of rank {self.rank}"))
         else:
             self._print(f"[train] layout changed {ts['layout']} -> {self._layout()}: model and optimizer "
                         "resharded; RNG states re-seeded")
@@ -260,6 +274,8 @@ class Trainer:
 
     def train(self) -> int:
         cfg = self.cfg
+        if self.rank == 0:  # rows after the resumed checkpoint are redone now: drop the first attempt's
+            resume.truncate_metrics(cfg.run_dir, self.start_iteration)
         lg = cfg.logging
         wandb = {"project": lg.wandb_project, "entity": lg.wandb_entity, "name": lg.wandb_run_name,
                  "mode": lg.wandb_mode}
@@ -311,7 +327,7 @@ class Trainer:
                     raise NaNStop(
                         f"stopping: {self.nan_in_a_row} consecutive steps with NaN/Inf loss or gradients "
                         f"(train.max_consecutive_nan_steps={cfg.train.max_consecutive_nan_steps}); the last good "
-                        f"checkpoint is {ckpt.latest_iteration(self.ckpt_dir) if os.path.isdir(self.ckpt_dir) else None}"
+                        f"checkpoint is {ckpt.latest_good_hint(self.ckpt_dir)}"
                         "; lower optimizer.lr or check the data")
                 ckpt.finalize_async_saves(self.async_queue, blocking=False)
                 if iteration % cfg.checkpoint.save_interval == 0:

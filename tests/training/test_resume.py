@@ -79,12 +79,16 @@ def test_killed_during_save_resumes_from_previous(shapes, tmp_path):
     assert latest_iteration(ckpt_dir) == 2  # the killed save of iteration 4 never became valid
     assert os.path.isdir(os.path.join(ckpt_dir, "iter_0000004.tmp"))
     assert not os.path.exists(os.path.join(ckpt_dir, "iter_0000004"))
+    first = metrics(run_dir)
+    assert [r["iteration"] for r in first] == [1, 2, 3, 4]
     res = train(cfg, f"run_dir={run_dir}")
     assert_ok(res)
     assert "resumed from" in res.stdout and "iter_0000002" in res.stdout
+    assert f"removed partial files of an interrupted run: {ckpt_dir}/iter_0000004.tmp" in res.stdout
     assert latest_iteration(ckpt_dir) == 6
     # keep_last=1 kept only the newest complete checkpoint; the stale partial save is gone
     assert sorted(d for d in os.listdir(ckpt_dir) if d.startswith("iter_")) == ["iter_0000006"]
     m = metrics(run_dir)
-    assert [r["iteration"] for r in m] == [1, 2, 3, 4, 3, 4, 5, 6]
-    assert [r["loss"] for r in m[2:4]] == [r["loss"] for r in m[4:6]]  # the redone steps are the same steps
+    # the resume truncated metrics.jsonl to iteration 2: rows 3-4 of the first attempt are replaced, not repeated
+    assert [r["iteration"] for r in m] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in m[:4]] == [r["loss"] for r in first]  # the redone steps are the same steps
