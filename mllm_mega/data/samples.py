@@ -98,7 +98,8 @@ class SampleSpec:
 
 
 def image_fields(fields: dict[str, bytes]):
-    """A sample's image and video fields: ``([(index, name, bytes)], {video: [(frame, bytes)]})``.
+    """A sample's media: ``(images, videos)``, images as encoded bytes in field order, each video as its
+    file's bytes or its list of encoded frames in frame order.
 
     Raises :class:`BadSample` (``image_unreadable``) for an image field of an unsupported format.
     """
