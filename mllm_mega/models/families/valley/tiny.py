@@ -4,7 +4,8 @@
   combines (a ``Qwen2VLForConditionalGeneration`` of :mod:`mllm_mega.models.qwen2_vl.tiny`, vision head_dim
   24 — not a power of two, like the real 80 — and a ``Qwen3ForCausalLM`` with GQA 4/2 and head_dim 20 !=
   hidden / heads = 16, MRoPE section [4, 3, 3]);
-* :func:`write_tiny_sources`: both as HF directories with a tokenizer (the shapes dataset's byte-level BPE
+* :func:`write_tiny_qwen2_vl_dir` / :func:`write_tiny_qwen3_dir` / :func:`write_tiny_sources`: them as HF
+  directories with a tokenizer (the shapes dataset's byte-level BPE
   with Qwen2-VL's special tokens, :func:`mllm_mega.data.synthetic.train_tokenizer`, in the Qwen3 dir) and an
   image processor config + vision chat template (in the Qwen2-VL dir), as real hub directories have them;
 * :func:`build_tiny_valley`: a ``ValleyForConditionalGeneration`` straight from tiny configs;
@@ -75,22 +76,35 @@ def preprocessor_config(vision_config: dict) -> dict:
     }
 
 
-def write_tiny_sources(root: str, *, seed: int = 0, llm_hidden_size: int = 64, tie: bool = False,
-                       vision_hidden_size: int = 64) -> dict:
-    """``root/qwen2_vl`` and ``root/qwen3`` HF directories; returns {"qwen2_vl": path, "qwen3": path}."""
-    from mllm_mega.data.synthetic import CHAT_TEMPLATE, train_tokenizer
+def write_tiny_qwen3_dir(path: str, *, seed: int = 1, hidden_size: int = 64, tie: bool = False) -> str:
+    """A tiny Qwen3ForCausalLM HF directory with the shapes tokenizer (vision special tokens at ids 3-6)."""
+    from mllm_mega.data.synthetic import train_tokenizer
 
-    dirs = {"qwen2_vl": os.path.join(root, "qwen2_vl"), "qwen3": os.path.join(root, "qwen3")}
-    vl = build_tiny_qwen2_vl(seed, hidden_size=vision_hidden_size)
-    vl.save_pretrained(dirs["qwen2_vl"])
-    with open(os.path.join(dirs["qwen2_vl"], "preprocessor_config.json"), "w") as f:
-        json.dump(preprocessor_config(vl.config.vision_config.to_dict()), f, indent=2)
-    with open(os.path.join(dirs["qwen2_vl"], "chat_template.json"), "w") as f:
-        json.dump({"chat_template": CHAT_TEMPLATE}, f)
     texts = ["a red circle on the left", "two blue squares at the top", "what colour is the shape?"] * 20
-    train_tokenizer(texts, dirs["qwen3"], vocab_size=TINY_TOKENIZER_VOCAB)  # (re)creates the directory: first
-    build_tiny_qwen3(seed + 1, hidden_size=llm_hidden_size, tie_word_embeddings=tie).save_pretrained(dirs["qwen3"])
-    return dirs
+    train_tokenizer(texts, path, vocab_size=TINY_TOKENIZER_VOCAB)  # (re)creates the directory: first
+    build_tiny_qwen3(seed, hidden_size=hidden_size, tie_word_embeddings=tie).save_pretrained(path)
+    return path
+
+
+def write_tiny_qwen2_vl_dir(path: str, *, seed: int = 0, hidden_size: int = 64) -> str:
+    """A tiny Qwen2VLForConditionalGeneration HF directory with an image processor config and a chat template
+    that renders image/video parts (as the hub's Qwen2-VL directories have)."""
+    from mllm_mega.data.synthetic import CHAT_TEMPLATE
+
+    vl = build_tiny_qwen2_vl(seed, hidden_size=hidden_size)
+    vl.save_pretrained(path)
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+        json.dump(preprocessor_config(vl.config.vision_config.to_dict()), f, indent=2)
+    with open(os.path.join(path, "chat_template.json"), "w") as f:
+        json.dump({"chat_template": CHAT_TEMPLATE}, f)
+    return path
+
+
+def write_tiny_sources(root: str, *, seed: int = 0, llm_hidden_size: int = 64, tie: bool = False) -> dict:
+    """``root/qwen2_vl`` and ``root/qwen3`` HF directories; returns {"qwen2_vl": path, "qwen3": path}."""
+    return {"qwen2_vl": write_tiny_qwen2_vl_dir(os.path.join(root, "qwen2_vl"), seed=seed),
+            "qwen3": write_tiny_qwen3_dir(os.path.join(root, "qwen3"), seed=seed + 1, hidden_size=llm_hidden_size,
+                                          tie=tie)}
 
 
 def tiny_valley_config(*, position_mode: str = "mrope", tie_word_embeddings: bool = False, hidden_size: int = 64):

@@ -48,7 +48,7 @@ import copy
 import torch
 from torch import nn
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.qwen2_vl.modeling_qwen2_vl import (
@@ -214,9 +214,12 @@ class ValleyForConditionalGeneration(ValleyPreTrainedModel, GenerationMixin):
                 from transformers.cache_utils import DynamicCache
 
                 cache = DynamicCache(config=self.config.text_config)
-            attention_mask = {"full_attention": create_causal_mask(
-                config=self.config.text_config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                cache=cache, position_ids=None)}
+            mask_kwargs = {"config": self.config.text_config, "inputs_embeds": inputs_embeds,
+                           "attention_mask": attention_mask, "cache": cache, "position_ids": None}
+            masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+            if "sliding_attention" in self.config.text_config.layer_types:
+                masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+            attention_mask = masks
         outputs = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                              cache=cache, use_cache=use_cache, **kwargs)
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
