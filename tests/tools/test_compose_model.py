@@ -112,8 +112,9 @@ def test_composed_dir_loads_and_matches_its_sources(sources, composed):
 def test_widths_differ_reinitialise_only_the_merger_output(sources, tmp_path):
     out = str(tmp_path / "wide")
     rc = load_tool("compose_model")(["--vision-from", sources["qwen2_vl"], "--llm-from", sources["qwen3_wide"],
-                                     "--out", out, "--position-mode", "1d", "--seed", "5"])
+                                     "--out", out, "--position-mode", "1d", "--seed", "5", "--max-shard-size", "300KB"])
     assert rc == 0
+    assert len([n for n in os.listdir(out) if n.endswith(".safetensors")]) > 1  # sharded, loaded through the index
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["vision_config"]["hidden_size"] == 96 and cfg["position_mode"] == "1d" and cfg["tie_word_embeddings"]
     got, vis, llm = _tensors(out), _tensors(sources["qwen2_vl"]), _tensors(sources["qwen3_wide"])
