@@ -31,8 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-shard-size", default="5GB")
     args = p.parse_args(argv)
 
-    from mllm_mega.models.families.valley.compose import compose_model
-    from mllm_mega.models.qwen2_vl.export import parse_size
+    from mllm_mega.models.families.valley.compose import compose_model, parse_size
 
     try:
         summary = compose_model(args.vision_from, args.llm_from, args.out, position_mode=args.position_mode,

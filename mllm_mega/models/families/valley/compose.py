@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import ExitStack
@@ -57,6 +58,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
 MERGER_OUT = ("visual.merger.mlp.2.weight", "visual.merger.mlp.2.bias")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9 bytes (KB/MB/GB powers of 10, KiB/MiB/GiB powers of 2, as transformers' max_shard_size)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(text).upper())
+    if not m or m.group(2) == "IB" or float(m.group(1)) <= 0:
+        raise ValueError(f"--max-shard-size {text!r}: expected a positive size such as 5GB, 500MB or 2MiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
 
 
 def _read_config(path: str, flag: str, model_type: str, what: str) -> dict:
