@@ -34,7 +34,7 @@ Positions (``config.position_mode``):
   On text-only input all three rows are equal, so this is exactly Qwen3's 1-D RoPE. The causal mask is
   built here from ``attention_mask`` (never inferred from the 3-row positions).
   MRoPE is the default because the issue asks for it (Qwen2-VL's own LLM uses it with this ViT); Valley2's
-  code used 1-D positions (/work/shared/ANCHORS.md), hence the option below. The released Valley2.5 remote
+  code used 1-D positions in its LLM, hence the option below. The released Valley2.5 remote
   code could not be read offline, so which of the two it trained with is not checked here.
 * ``"1d"``: Qwen3 unchanged; positions ``attention_mask.cumsum(-1) - 1`` (0 on padding) or ``arange`` after
   the cached length; images only replace placeholder embeddings.
