@@ -242,6 +242,9 @@ def normalize(frames: np.ndarray) -> np.ndarray:
 # Every uint8 value of every channel, normalized with the processor's exact arithmetic (normalize above): a
 # lookup gives bit-identical values in one gather, instead of float64/float32 passes over the whole image.
 _NORMALIZED = normalize(np.arange(256, dtype=np.uint8)[:, None].repeat(3, axis=1))  # (256, 3) float32
+# one contiguous table per channel: np.take through a contiguous table, into a contiguous buffer, with no index
+# check (a uint8 index is always in range), is about 3x faster than fancy indexing a strided column
+_CHANNEL_TABLES = [np.ascontiguousarray(_NORMALIZED[:, c]) for c in range(3)]
 
 
 def patchify(frames: np.ndarray, merge_size: int = MERGE_SIZE) -> tuple[np.ndarray, tuple[int, int, int]]:
@@ -267,8 +270,9 @@ def _lookup(rows: np.ndarray, frames_per_row: int) -> np.ndarray:
     n, k = rows.shape[0], rows.shape[1] // 3
     grouped = rows.reshape(n, 3, k)
     out = np.empty((n, 3, frames_per_row, k), np.float32)
+    values = np.empty((n, k), np.float32)  # contiguous: np.take into a strided ``out`` view is buffered and slow
     for c in range(3):
-        values = _NORMALIZED[:, c][grouped[:, c]]  # (N, k): one gather through the channel's table
+        np.take(_CHANNEL_TABLES[c], grouped[:, c], out=values, mode="clip")  # one gather through the table
         for f in range(frames_per_row):
             out[:, c, f] = values
     return out.reshape(n, -1)
