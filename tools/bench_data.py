@@ -90,10 +90,10 @@ def use_side_torchvision(path):
     import sys
     import types
 
-    if "transformers" in sys.modules:
-        raise RuntimeError("--torchvision-path must take effect before transformers is imported")
     if not os.path.isdir(os.path.join(path, "torchvision")):
         raise SystemExit(f"error: --torchvision-path {path!r} has no torchvision/ package (unzip the wheel there)")
+    if "transformers" in sys.modules:
+        raise RuntimeError("--torchvision-path must take effect before transformers is imported")
     sys.path.insert(0, path)
     sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
     import torchvision  # noqa: F401
@@ -146,10 +146,11 @@ def compare_with_hf(jpegs, targets, processors, rounds, dali_decoder=None):
     shared machine disturb far less than wall time (they still share caches and memory bandwidth).
     """
     decoded = [V.decode_image_pil(j) for j in jpegs]
-    for p in processors.values():  # the baselines compute the same pixel_values as ours (bit-identical for PIL)
-        ref = V.image_to_patches(V.resize_pil(decoded[0], *targets[0]))[0]
+    ref = V.image_to_patches(V.resize_pil(decoded[0], *targets[0]))[0]
+    for name, p in processors.items():  # the same output: equal to the PIL processor's, same shape as torchvision's
         got = p(images=[decoded[0]], return_tensors="np")["pixel_values"]
-        assert got.shape == ref.shape, (got.shape, ref.shape)
+        if got.shape != ref.shape or (name == "hf-pil" and not np.array_equal(got, ref)):
+            raise RuntimeError(f"{name} computes different pixel_values than ours: not the same work")
 
     def ours_from_array():
         for img, (h, w) in zip(decoded, targets):
@@ -265,6 +266,17 @@ def main(argv=None):
     jpegs = make_jpegs(args.num_images, *args.size)
     qualities = [V.jpeg_quality_for(0, 0, f"img{i}", 0, args.jpeg_prob, (75, 100)) for i in range(len(jpegs))]
     targets = [V.smart_resize(*V.probe_image(j), max_pixels=args.max_pixels) for j in jpegs]
+    if args.compare_hf:
+        dali = DaliDecoder("cpu", num_threads=args.threads, max_batch=args.batch) if HAVE_DALI else None
+        summary = compare_with_hf(jpegs, targets, hf_processors(args.max_pixels), args.compare_hf, dali)
+        summary.update({"num_images": len(jpegs), "size": list(args.size), "threads": args.threads,
+                        "torch_threads": torch.get_num_threads(), "torchvision": tv_version,
+                        "mean_jpeg_bytes": int(np.mean([len(j) for j in jpegs])), "max_pixels": args.max_pixels,
+                        "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+                        "load_average": [round(x, 2) for x in os.getloadavg()]})
+        print(json.dumps(summary))
+        return
+
     runs = {"pil": lambda: bench_pil(jpegs, qualities, targets, args.threads)}
     if HAVE_DALI:
         dec = DaliDecoder("cpu", num_threads=args.threads, max_batch=args.batch)
@@ -278,17 +290,6 @@ def main(argv=None):
         runs[name] = lambda p=processor: bench_hf(p, jpegs, args.threads)
     if args.backends:
         runs = {k: v for k, v in runs.items() if k in args.backends}
-
-    if args.compare_hf:
-        dali = DaliDecoder("cpu", num_threads=args.threads, max_batch=args.batch) if HAVE_DALI else None
-        summary = compare_with_hf(jpegs, targets, hf_processors(args.max_pixels), args.compare_hf, dali)
-        summary.update({"num_images": len(jpegs), "size": list(args.size), "threads": args.threads,
-                        "torch_threads": torch.get_num_threads(), "torchvision": tv_version,
-                        "mean_jpeg_bytes": int(np.mean([len(j) for j in jpegs])), "max_pixels": args.max_pixels,
-                        "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-                        "load_average": [round(x, 2) for x in os.getloadavg()]})
-        print(json.dumps(summary))
-        return
 
     results = {}
     for name, fn in runs.items():
