@@ -217,3 +217,14 @@ def cp_group_and_rank():
 
     return (ps.get_context_parallel_group(), ps.get_context_parallel_rank(),
             ps.get_context_parallel_world_size())
+
+
+def shard_microbatches(microbatches: list[dict], cp_size: int, cp_rank: int, group, *, multiple: int,
+                       image_token_id: int, video_token_id: int, merge_unit: int) -> list[dict]:
+    """Every micro-batch of a step split for this CP rank, all to one padded length (constant p2p shapes
+    under pipeline parallelism; ``multiple`` = TP under sequence parallelism)."""
+    target = target_length([mb["cu_seqlens"] for mb in microbatches], cp_size, multiple)
+    return [shard_batch(mb, make_shard(mb["cu_seqlens"], cp_size, cp_rank, target_len=target, multiple=multiple,
+                                       group=group),
+                        image_token_id=image_token_id, video_token_id=video_token_id, merge_unit=merge_unit)
+            for mb in microbatches]
