@@ -200,6 +200,7 @@ class _GatherCP(torch.autograd.Function):
             out = grad.new_empty((sizes[0], *grad.shape[1:]))
             dist.reduce_scatter_tensor(out, grad, group=ctx.group)  # gloo: cpu_compat's all-reduce + slice
             return out, None, None, None
+        grad = grad.clone()  # the incoming gradient may be shared: reduce a copy
         dist.all_reduce(grad, group=ctx.group)
         start = sum(sizes[:rank])
         return grad[start:start + sizes[rank]].clone(), None, None, None

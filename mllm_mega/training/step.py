@@ -94,9 +94,8 @@ def train_step(ddp_model, optimizer, microbatches: list[dict], *, kernels: str, 
 
         return logits, loss_func
 
-    seq = microbatches[0]["input_ids"].shape[0]
-    if config.sequence_parallel:
-        seq //= tp
+    # the whole sequence: megatron's get_tensor_shapes divides the p2p length by CP and, under SP, by TP itself
+    seq = microbatches[0]["input_ids"].shape[0] * ps.get_context_parallel_world_size()
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
     losses = get_forward_backward_func()(

@@ -39,6 +39,16 @@ def test_layout_errors_name_the_problem():
     assert target_length([CU, torch.tensor([0, 50], dtype=torch.int32)], 2, 2) == 52
 
 
+def test_layout_that_does_not_divide_the_world_is_refused():
+    from mllm_mega.config import ParallelConfig
+    from mllm_mega.parallel.initialize import initialize_distributed
+
+    with pytest.raises(ValueError, match="world size 1 is not divisible by TP=1 x PP=1 x CP=2"):
+        initialize_distributed(1, 1, context_parallel_size=2)
+    with pytest.raises(ValueError, match="parallel.cp"):
+        ParallelConfig(cp=0)
+
+
 def test_assign_media_balances_largest_first():
     assert assign_media([4, 16, 4, 4, 8], 2) == [1, 0, 1, 0, 1]
 

@@ -130,8 +130,8 @@ def verify(hf_dir: str, load: str, *, tp: int = 1, pp: int = 1, inputs_path: str
             batch = shard_for_rank(batch, arch, model.config)
         if torch.cuda.is_available():
             batch = {k: v.cuda() for k, v in batch.items()}
-        local = batch["input_ids"].shape[0]
-        seq = local // tp if model.config.sequence_parallel else local
+        # the whole sequence: megatron's get_tensor_shapes divides it by CP and, under SP, by TP itself
+        seq = batch["input_ids"].shape[0] * cp
         with torch.no_grad():
             logits = _pipeline_forward(model, batch, seq)
         if ps.is_pipeline_last_stage(ignore_virtual=True):
