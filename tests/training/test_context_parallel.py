@@ -28,9 +28,10 @@ def test_cp2_losses_equal_cp1_and_resume_exactly(shapes, tmp_path):
     for a, b in zip(ref, cp2):
         # every real token counted once: a dropped or duplicated token changes the weight sum
         assert a["loss_weight_sum"] == b["loss_weight_sum"]
-        # fp32; the split changes the reduction order of attention and of the gradient sums
-        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-6), (a["loss"], b["loss"])
-        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-5), (a["grad_norm"], b["grad_norm"])
+        # fp32; the split changes the reduction order of attention and of the gradient sums: measured rel
+        # diffs <= 5.9e-8 (loss) and <= 7e-8 (grad norm) over the 3 steps
+        assert math.isclose(a["loss"], b["loss"], rel_tol=5e-7), (a["loss"], b["loss"])
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=5e-7), (a["grad_norm"], b["grad_norm"])
     for a, b in zip(cp2, split):  # resume: bit-identical
         assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], (a, b)
     assert ref[-1]["loss"] < ref[0]["loss"]
