@@ -73,7 +73,7 @@ def _pipeline_forward(model, batch, seq_len):
         b = next(data_iterator)
         out = m(b["input_ids"], b["position_ids"], b["cu_seqlens"], pixel_values=b.get("pixel_values"),
                 image_grid_thw=b.get("image_grid_thw"), pixel_values_videos=b.get("pixel_values_videos"),
-                video_grid_thw=b.get("video_grid_thw"))
+                video_grid_thw=b.get("video_grid_thw"), context_parallel=b.get("context_parallel"))
 
         def collect(output, non_loss_data=False):
             return output
@@ -88,15 +88,17 @@ def _pipeline_forward(model, batch, seq_len):
 
 def verify(hf_dir: str, load: str, *, tp: int = 1, pp: int = 1, inputs_path: str | None = None,
            atol: float = 1e-6, num_llm_layers_in_first_stage: int | None = None,
-           kernels: str = "torch") -> tuple[float, float]:
-    """Run HF and our model (loaded from ``load`` at TP/PP) on the same inputs; returns (max_abs, rel)."""
+           kernels: str = "torch", cp: int = 1, check_grads: bool = False) -> tuple[float, float]:
+    """Run HF and our model (loaded from ``load`` at TP/PP/CP) on the same inputs; returns (max_abs, rel).
+
+    ``check_grads`` (CP > 1): also compare every parameter gradient at CP with CP=1's (context_check.py)."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
     meta = ckpt.read_meta(load)
     arch = arch_from_hf_config(meta["hf_config"])
     layout = ParallelLayout(tp, pp, num_llm_layers_in_first_stage=num_llm_layers_in_first_stage)
-    initialize_distributed(tp, pp)
+    initialize_distributed(tp, pp, context_parallel_size=cp)  # context parallel: world = DP x CP x TP x PP
     model = build_model(arch, layout, kernels=kernels).eval()
     ckpt.load_model_weights(load, model)
     if inputs_path:
@@ -105,7 +107,8 @@ def verify(hf_dir: str, load: str, *, tp: int = 1, pp: int = 1, inputs_path: str
         cases = {"inputs": torch.load(inputs_path, weights_only=False)}
     else:
         cases = {c: random_inputs(arch, c) for c in CASES}
-    is_ref_rank = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+    is_ref_rank = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 \
+        and ps.get_context_parallel_rank() == 0
     hf_model = load_hf_model(hf_dir) if is_ref_rank else None
     worst_abs, worst_ref = 0.0, 0.0
     for name, inp in cases.items():
@@ -117,17 +120,26 @@ def verify(hf_dir: str, load: str, *, tp: int = 1, pp: int = 1, inputs_path: str
                                                          arch.video_token_id)
         ids, pos, cu, index = pack_hf_batch(
             arch, inp["input_ids"], inp.get("attention_mask"), inp.get("image_grid_thw"),
-            inp.get("video_grid_thw"), inp.get("second_per_grid_ts"), pad_to_multiple=tp)
+            inp.get("video_grid_thw"), inp.get("second_per_grid_ts"), pad_to_multiple=tp if cp == 1 else 1)
         batch = {"input_ids": ids, "position_ids": pos, "cu_seqlens": cu,
                  **{k: inp[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos",
                                         "video_grid_thw") if k in inp}}
+        if cp > 1:  # context parallel: this rank's slice (the trailing padding comes from the split)
+            from mllm_mega.parallel.context_check import shard_for_rank
+
+            batch = shard_for_rank(batch, arch, model.config)
         if torch.cuda.is_available():
             batch = {k: v.cuda() for k, v in batch.items()}
-        seq = ids.shape[0] // tp if model.config.sequence_parallel else ids.shape[0]
+        # the whole sequence: megatron's get_tensor_shapes divides it by CP and, under SP, by TP itself
+        seq = batch["input_ids"].shape[0] * cp
         with torch.no_grad():
             logits = _pipeline_forward(model, batch, seq)
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits).float().cpu()
+            if cp > 1:  # context parallel: every rank's tokens back in pack order
+                from mllm_mega.parallel.context_check import gather_logits
+
+                logits = gather_logits(logits, batch["context_parallel"], ids.shape[0])
         if is_ref_rank:
             with torch.no_grad():
                 ref = hf_model(**inp).logits.float()
@@ -140,4 +152,8 @@ def verify(hf_dir: str, load: str, *, tp: int = 1, pp: int = 1, inputs_path: str
     if dist.is_initialized():
         dist.all_reduce(result, op=dist.ReduceOp.MAX)
     max_abs, max_ref = result.tolist()
+    if check_grads:  # context parallel: gradients at CP equal CP=1's
+        from mllm_mega.parallel.context_check import compare_cp_grads
+
+        compare_cp_grads(load, arch, cases, tp=tp, cp=cp, kernels=kernels)
     return max_abs, max_abs / max(max_ref, 1e-30)
