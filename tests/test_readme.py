@@ -61,6 +61,10 @@ COVERED = {
         "tests/tools/test_merge.py", ['method="ties"'], "synopsis; TIES through the library call the CLI makes"),
     "python tools/graft_vision.py --vision-from A --llm-from B --out grafted [--seed 0]": (
         "tests/tools/test_graft.py", ["--vision-from", "--llm-from"], "synopsis"),
+    "python tools/compose_model.py --vision-from QWEN2VL_HF_DIR --llm-from QWEN3_HF_DIR --out M "
+    "[--position-mode mrope|1d] [--seed 0] [--dtype bfloat16] [--max-shard-size 5GB]": (
+        "tests/tools/test_compose_model.py", ['load_tool("compose_model")', '"--vision-from"', '"--llm-from"'],
+        "synopsis; tiny Qwen2-VL + Qwen3 sources, through the CLI's main() and one real command"),
 }
 
 # command -> why it is not run here
