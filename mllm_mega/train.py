@@ -67,7 +67,7 @@ def caption_eval(trainer) -> list[dict]:
     if not cfg.train.eval_num_captions or not cfg.data.eval_data_path:
         return []
     samples = build_eval_samples(cfg.data, max_samples=cfg.train.eval_num_captions,
-                                 spatial_merge_size=trainer.arch.vision.spatial_merge_size)
+                                 **trainer.spec.eval_options(trainer.arch))
     trainer.model.eval()
     rows = []
     for s in samples:

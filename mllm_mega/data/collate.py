@@ -19,7 +19,7 @@ from mllm_mega.data.samples import SampleSpec
 from mllm_mega.data.text import IMAGE, VIDEO
 from mllm_mega.data.vision import PATCH_DIM
 from mllm_mega.kernels.cross_entropy import loss_weights
-from mllm_mega.models.qwen2_vl.rope_index import sample_position_ids
+from mllm_mega.models.positions import sample_position_ids
 
 IGNORE_INDEX = -100
 

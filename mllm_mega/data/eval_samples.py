@@ -13,7 +13,7 @@ from mllm_mega.data.samples import parse_sample
 from mllm_mega.data.shards import iter_shard, list_shards
 from mllm_mega.data.text import IMAGE, Encoded, TextProcessor
 from mllm_mega.data.vision import BadSample, decode_image_pil, image_to_patches, resize_pil
-from mllm_mega.models.qwen2_vl.rope_index import sample_position_ids
+from mllm_mega.models.positions import sample_position_ids
 
 
 def build_eval_samples(cfg: DataConfig, *, path: str | list[str] | None = None, max_samples: int | None = None,

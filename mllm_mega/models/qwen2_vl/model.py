@@ -18,7 +18,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from mllm_mega.models.common.attention import make_packed_seq_params
 from mllm_mega.models.common.norm import TorchRMSNorm, TritonRMSNorm
 from mllm_mega.models.qwen2_vl.configuration import ModelArch, ParallelLayout, Recompute, to_transformer_configs
-from mllm_mega.models.qwen2_vl.rope_index import get_rope_index
+from mllm_mega.models.positions import get_rope_index
 from mllm_mega.models.qwen2_vl.spec import layer_spec, resolve_kernels
 from mllm_mega.models.qwen2_vl.vision import VisionTransformer
 
@@ -159,7 +159,7 @@ def pack_hf_batch(arch: ModelArch, input_ids, attention_mask=None, image_grid_th
         input_ids, image_token_id=arch.image_token_id, video_token_id=arch.video_token_id,
         image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
         attention_mask=attention_mask, spatial_merge_size=arch.vision.spatial_merge_size,
-        tokens_per_second=arch.vision.tokens_per_second if arch.family == "qwen2_5_vl" else None,
+        tokens_per_second=arch.vision.tokens_per_second,  # None: Qwen2-VL (interval 1)
     )
     keep = attention_mask.bool()
     token_index = torch.nonzero(keep.reshape(-1)).squeeze(1)

@@ -15,20 +15,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from mllm_mega.models.common.attention import TorchPackedAttention, TritonPackedAttention
+from mllm_mega.models.common.kernel_choice import KERNEL_CHOICES, resolve_kernels  # noqa: F401
 from mllm_mega.models.common.norm import TorchLayerNorm, TorchRMSNorm, TritonRMSNorm
-
-KERNEL_CHOICES = ("auto", "torch", "triton")
-
-
-def resolve_kernels(kernels: str) -> str:
-    """``auto`` = Triton on CUDA, torch on CPU."""
-    import torch
-
-    if kernels not in KERNEL_CHOICES:
-        raise ValueError(f"kernels={kernels!r}; expected one of {KERNEL_CHOICES}")
-    if kernels == "auto":
-        return "triton" if torch.cuda.is_available() else "torch"
-    return kernels
 
 
 def layer_spec(*, causal: bool, norm: str, kernels: str = "torch") -> ModuleSpec:

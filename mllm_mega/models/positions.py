@@ -1,4 +1,5 @@
-"""MRoPE position ids for Qwen2-VL / Qwen2.5-VL (3 rows: temporal, height, width).
+"""MRoPE position ids (3 rows: temporal, height, width) as Qwen2-VL / Qwen2.5-VL define them; on text alone
+all three rows are 0, 1, 2, ..., i.e. plain 1-D RoPE positions.
 
 Follows the rule of the transformers implementation (``get_rope_index``): text tokens advance all three rows
 by one; a run of image (video) placeholder tokens gets a (t, h, w) grid of positions offset by the running
