@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from mllm_mega.models.llms.qwen import llm_forward_flops as _llm_flops
 from mllm_mega.models.qwen2_vl.configuration import ModelArch
 from mllm_mega.models.qwen2_vl.vision import frame_cu_seqlens, window_partition
 
@@ -13,20 +14,8 @@ def _seg_lens(cu: torch.Tensor) -> list[int]:
 
 
 def llm_forward_flops(arch: ModelArch, segment_lens: list[int], *, causal: bool = True) -> dict[str, float]:
-    """{"linear": ..., "attention": ...} forward FLOPs of the LLM on packed samples of these lengths.
-
-    ``causal`` counts the attended (query, key) pairs, n(n+1)/2 per sample; False counts n^2 (what a kernel
-    that computes the full score matrix performs).
-    """
-    t = arch.text
-    hd, tokens = t.head_dim, sum(segment_lens)
-    per_token = (2 * t.hidden_size * (t.num_heads + 2 * t.num_kv_heads) * hd  # linear_qkv
-                 + 2 * t.num_heads * hd * t.hidden_size                      # linear_proj
-                 + 2 * 3 * t.hidden_size * t.ffn_hidden_size)                # gated MLP
-    pairs = sum(n * (n + 1) // 2 if causal else n * n for n in segment_lens)
-    attention = 4 * pairs * t.num_heads * hd  # QK^T and AV
-    head = 2 * t.hidden_size * t.vocab_size * tokens
-    return {"linear": float(t.num_layers * per_token * tokens + head), "attention": float(t.num_layers * attention)}
+    """The LLM's forward FLOPs on packed samples of these lengths (see :func:`llms.qwen.llm_forward_flops`)."""
+    return _llm_flops(arch.text, segment_lens, causal=causal)
 
 
 def vision_forward_flops(arch: ModelArch, grid_thw: torch.Tensor | None) -> dict[str, float]:
