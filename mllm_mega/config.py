@@ -38,6 +38,9 @@ class ModelConfig:
     arch: str = "tiny_qwen2_5_vl"
     """tiny_<family> for any registered family (e.g. tiny_qwen2_5_vl, tiny_qwen2_vl; sized to the tokenizer), or
     a HF config.json / model directory."""
+    family: str | None = None
+    """Model family (a name in mllm_mega.models.registry) to read the HF config with; None = found from the
+    config's architectures / model_type (a tiny_<family> arch names its own)."""
     init_from: str | None = None
     """Checkpoint to start from (HF-imported or a previous stage's run dir); None = random init (std 0.02)."""
     kernels: str = "auto"
@@ -65,6 +68,11 @@ class ModelConfig:
             _choice(f"model.{name}", getattr(self, name), RECOMPUTE)
         _choice("model.recompute_method", self.recompute_method, ("uniform", "block"))
         _positive("model", self, "recompute_num_layers")
+        if self.family is not None and f"tiny_{self.family}" not in tiny_arch_names():
+            names = [n[len("tiny_"):] for n in tiny_arch_names()]
+            near = difflib.get_close_matches(self.family, names, n=1)
+            raise ValueError(f"model.family={self.family!r} is not a registered family ({names})"
+                             + (f"; did you mean {near[0]!r}?" if near else ""))
         if self.tiny_overrides and self.arch not in tiny_arch_names():
             raise ValueError(f"model.tiny_overrides only applies to {tiny_arch_names()}, not arch={self.arch!r}")
 

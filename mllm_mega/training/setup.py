@@ -58,7 +58,9 @@ def arch_config_dict(cfg: Config, text) -> dict:
 
 def resolve_arch(cfg: Config, text):
     """The parsed architecture (its family's type) of the model to train, checked against the tokenizer."""
-    arch = registry.arch_from_hf_config(arch_config_dict(cfg, text))
+    hf = arch_config_dict(cfg, text)
+    arch = (registry.get(cfg.model.family).parse_hf_config(hf) if cfg.model.family
+            else registry.arch_from_hf_config(hf))
     checks = [] if not registry.spec_of(arch).has_vision else [
         ("image_token_id", arch.image_token_id, text.image_token_id),
         ("video_token_id", arch.video_token_id, text.video_token_id),

@@ -13,8 +13,8 @@ import yaml
 
 from tests.conftest import ROOT, run_cmd
 
-# fp32 logits of ours vs transformers: measured <= 4e-7 at TP1/TP2/PP2 (different reduction orders only)
-ATOL = 2e-6
+# fp32 logits of ours vs transformers: measured <= 3.6e-7 at TP1/TP2/PP2 (different reduction orders only)
+ATOL = 1e-6
 
 
 def _text_dataset(root: str) -> dict:

@@ -4,6 +4,8 @@ NaViT ViT -> 2x2 patch merger -> Qwen2 LLM with MRoPE. Both families share every
 """
 from __future__ import annotations
 
+import dataclasses
+
 from mllm_mega.models.registry import FamilySpec, lazy
 
 _PKG = "mllm_mega.models.qwen2_vl"
@@ -66,14 +68,17 @@ def graft_hf_config(vision_cfg: dict, llm_cfg: dict) -> dict:
     return out
 
 
-def make_spec(name: str, *, hf_architectures: tuple[str, ...], hf_model_types: tuple[str, ...]) -> FamilySpec:
+def make_spec(name: str, *, hf_architectures: tuple[str, ...], hf_model_types: tuple[str, ...],
+              **overrides) -> FamilySpec:
+    """The spec of a Qwen2-VL-style family; ``overrides`` replace fields (e.g. a family with the same towers
+    but its own HF key names, config parser or tiny model)."""
     def tiny_config(**overrides) -> dict:
         return lazy(f"{_PKG}.tiny:tiny_hf_config_dict")(name, **overrides)
 
     def build_tiny_hf_model(seed: int = 0, **kwargs):
         return lazy(f"{_PKG}.tiny:build_tiny_hf_model")(name, seed=seed, **kwargs)
 
-    return FamilySpec(
+    spec = FamilySpec(
         name=name,
         hf_architectures=hf_architectures,
         hf_model_types=hf_model_types,
@@ -96,3 +101,4 @@ def make_spec(name: str, *, hf_architectures: tuple[str, ...], hf_model_types: t
         graft_hf_config=graft_hf_config,
         check_layout=lazy(f"{_PKG}.configuration:to_transformer_configs"),
     )
+    return dataclasses.replace(spec, **overrides) if overrides else spec
