@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mllm_mega.data.config import DataConfig
+from mllm_mega.models.registry import tiny_arch_names
 
-TINY_ARCHS = ("tiny_qwen2_5_vl", "tiny_qwen2_vl")
 KERNELS = ("auto", "torch", "triton")
 DTYPES = ("auto", "float32", "bfloat16")
 RECOMPUTE = ("none", "selective", "full")
@@ -36,7 +36,11 @@ class ModelConfig:
     """Which model to build and where its weights come from."""
 
     arch: str = "tiny_qwen2_5_vl"
-    """tiny_qwen2_5_vl | tiny_qwen2_vl (sized to the tokenizer), or a HF config.json / model directory."""
+    """tiny_<family> for any registered family (e.g. tiny_qwen2_5_vl, tiny_qwen2_vl; sized to the tokenizer), or
+    a HF config.json / model directory."""
+    family: str | None = None
+    """Model family (a name in mllm_mega.models.registry) to read the HF config with; None = found from the
+    config's architectures / model_type (a tiny_<family> arch names its own)."""
     init_from: str | None = None
     """Checkpoint to start from (HF-imported or a previous stage's run dir); None = random init (std 0.02)."""
     kernels: str = "auto"
@@ -64,8 +68,13 @@ class ModelConfig:
             _choice(f"model.{name}", getattr(self, name), RECOMPUTE)
         _choice("model.recompute_method", self.recompute_method, ("uniform", "block"))
         _positive("model", self, "recompute_num_layers")
-        if self.tiny_overrides and self.arch not in TINY_ARCHS:
-            raise ValueError(f"model.tiny_overrides only applies to {TINY_ARCHS}, not arch={self.arch!r}")
+        if self.family is not None and f"tiny_{self.family}" not in tiny_arch_names():
+            names = [n[len("tiny_"):] for n in tiny_arch_names()]
+            near = difflib.get_close_matches(self.family, names, n=1)
+            raise ValueError(f"model.family={self.family!r} is not a registered family ({names})"
+                             + (f"; did you mean {near[0]!r}?" if near else ""))
+        if self.tiny_overrides and self.arch not in tiny_arch_names():
+            raise ValueError(f"model.tiny_overrides only applies to {tiny_arch_names()}, not arch={self.arch!r}")
 
 
 @dataclass

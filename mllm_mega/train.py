@@ -64,10 +64,10 @@ def caption_eval(trainer) -> list[dict]:
     from mllm_mega.training.generate import greedy_generate
 
     cfg, text = trainer.cfg, trainer.text
-    if not cfg.train.eval_num_captions or not cfg.data.eval_data_path:
+    if not cfg.train.eval_num_captions or not cfg.data.eval_data_path or not trainer.spec.has_vision:
         return []
     samples = build_eval_samples(cfg.data, max_samples=cfg.train.eval_num_captions,
-                                 spatial_merge_size=trainer.arch.vision.spatial_merge_size)
+                                 **trainer.spec.eval_options(trainer.arch))
     trainer.model.eval()
     rows = []
     for s in samples:

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     if args.cmd == "check":
         return _check(args.load)
 
-    from mllm_mega.models.qwen2_vl import convert, export
+    from mllm_mega.checkpoint import convert, export
 
     errors = (FileNotFoundError, FileExistsError, KeyError, ValueError)
     if args.cmd == "export-hf":

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the merger output re-initialisation")
     args = p.parse_args(argv)
 
-    from mllm_mega.models.qwen2_vl.graft import graft_vision
+    from mllm_mega.checkpoint.graft import graft_vision
 
     try:
         summary = graft_vision(args.vision_from, args.llm_from, args.out, seed=args.seed)

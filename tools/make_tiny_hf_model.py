@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write a tiny randomly initialised HF Qwen2.5-VL / Qwen2-VL model directory (no download).
+"""Write a tiny randomly initialised HF model directory of any registered family (no download).
 
   python tools/make_tiny_hf_model.py --family qwen2_5_vl --out DIR [--seed S] [--tie] [--max-shard-size 100KB]
       [--llm-hidden-size 96] [--kv-heads 4 --vision-heads 4 (TP=4-able)] [--dtype bfloat16]
@@ -15,7 +15,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen2_vl"])
+    from mllm_mega.models import registry
+
+    p.add_argument("--family", default="qwen2_5_vl", choices=registry.names())
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tie", action="store_true", help="tie input and output embeddings")
@@ -30,13 +32,15 @@ def main(argv=None):
         return 2
     import torch
 
-    from mllm_mega.models.qwen2_vl.tiny import build_tiny_hf_model
-
     text = {k: v for k, v in (("hidden_size", args.llm_hidden_size), ("num_key_value_heads", args.kv_heads))
             if v is not None}
     vision = {"num_heads": args.vision_heads} if args.vision_heads else None
-    model = build_tiny_hf_model(args.family, seed=args.seed, tie_word_embeddings=args.tie,
-                                vision_overrides=vision, **text)
+    spec = registry.get(args.family)
+    if vision and not spec.has_vision:
+        print(f"error: --vision-heads: family {args.family} has no vision tower", file=sys.stderr)
+        return 2
+    model = spec.build_tiny_hf_model(seed=args.seed, tie_word_embeddings=args.tie,
+                                     **({"vision_overrides": vision} if vision else {}), **text)
     model = model.to(getattr(torch, args.dtype))
     parent = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(parent, exist_ok=True)

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
-    from mllm_mega.models.qwen2_vl.merge import merge_checkpoints
+    from mllm_mega.checkpoint.merge import merge_checkpoints
 
     try:
         record = merge_checkpoints(args.inputs, args.out, method=args.method, weights=args.weights,

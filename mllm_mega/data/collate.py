@@ -19,7 +19,7 @@ from mllm_mega.data.samples import SampleSpec
 from mllm_mega.data.text import IMAGE, VIDEO
 from mllm_mega.data.vision import PATCH_DIM
 from mllm_mega.kernels.cross_entropy import loss_weights
-from mllm_mega.models.qwen2_vl.rope_index import sample_position_ids
+from mllm_mega.models.positions import sample_position_ids
 
 IGNORE_INDEX = -100
 
@@ -41,8 +41,12 @@ def shifted_labels(input_ids: np.ndarray, supervised: np.ndarray) -> np.ndarray:
 
 def collate_pack(samples: list[ProcessedSample], seq_len: int, *, loss_reweighting: str = "token",
                  pad_token_id: int = 0, spatial_merge_size: int = 2,
-                 tokens_per_second: float | None = None) -> dict:
-    """The micro-batch dict (CPU tensors) of one pack; see the module docstring and loader.py."""
+                 tokens_per_second: float | None = None, position_ids_fn=None) -> dict:
+    """The micro-batch dict (CPU tensors) of one pack; see the module docstring and loader.py.
+
+    ``position_ids_fn`` (the model family's, ``sample_position_ids``'s signature) gives one sample's (3, n)
+    position ids; None = MRoPE (:func:`mllm_mega.models.positions.sample_position_ids`)."""
+    position_ids_fn = position_ids_fn or sample_position_ids
     total = sum(s.spec.length for s in samples)
     if total > seq_len:
         raise ValueError(f"pack of {total} tokens exceeds seq_len {seq_len}")
@@ -58,7 +62,7 @@ def collate_pack(samples: list[ProcessedSample], seq_len: int, *, loss_reweighti
         labels[start:end] = shifted_labels(spec.input_ids, spec.supervised)
         imgs = [(m, p) for m, p in zip(spec.media, s.patches) if m.kind == IMAGE]
         vids = [(m, p) for m, p in zip(spec.media, s.patches) if m.kind == VIDEO]
-        position_ids[:, start:end] = sample_position_ids(
+        position_ids[:, start:end] = position_ids_fn(
             torch.from_numpy(spec.token_types), [m.grid for m, _ in imgs], [m.grid for m, _ in vids],
             [m.second_per_grid for m, _ in vids], spatial_merge_size=spatial_merge_size,
             tokens_per_second=tokens_per_second)

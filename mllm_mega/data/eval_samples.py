@@ -13,11 +13,11 @@ from mllm_mega.data.samples import parse_sample
 from mllm_mega.data.shards import iter_shard, list_shards
 from mllm_mega.data.text import IMAGE, Encoded, TextProcessor
 from mllm_mega.data.vision import BadSample, decode_image_pil, image_to_patches, resize_pil
-from mllm_mega.models.qwen2_vl.rope_index import sample_position_ids
+from mllm_mega.models.positions import sample_position_ids
 
 
 def build_eval_samples(cfg: DataConfig, *, path: str | list[str] | None = None, max_samples: int | None = None,
-                       spatial_merge_size: int = 2) -> list[dict]:
+                       spatial_merge_size: int = 2, position_ids_fn=None) -> list[dict]:
     """Held-out caption samples for generation: one dict per single-image caption sample.
 
     Keys: ``key``, ``pixel_values`` (P, 1176) float32, ``image_grid_thw`` (1, 3) int64, ``input_ids`` (L,)
@@ -49,8 +49,8 @@ def build_eval_samples(cfg: DataConfig, *, path: str | list[str] | None = None, 
                 "pixel_values": torch.from_numpy(pixel_values),
                 "image_grid_thw": torch.tensor([grid], dtype=torch.int64),
                 "input_ids": torch.from_numpy(ids),
-                "position_ids": sample_position_ids(torch.from_numpy(types), [grid],
-                                                    spatial_merge_size=spatial_merge_size),
+                "position_ids": (position_ids_fn or sample_position_ids)(
+                    torch.from_numpy(types), [grid], spatial_merge_size=spatial_merge_size),
                 "caption": raw.fields["txt"].decode("utf-8").strip(),
             })
     return out

@@ -143,8 +143,9 @@ class PackedLoader:
     """Iterator of packed micro-batches; see the module docstring."""
 
     def __init__(self, cfg: DataConfig, *, dp_rank: int = 0, dp_size: int = 1, spatial_merge_size: int = 2,
-                 tokens_per_second: float | None = None):
+                 tokens_per_second: float | None = None, position_ids_fn=None):
         self.cfg = cfg
+        self.position_ids_fn = position_ids_fn
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.spatial_merge_size, self.tokens_per_second = spatial_merge_size, tokens_per_second
         self.text = TextProcessor(cfg.tokenizer_dir)
@@ -427,7 +428,7 @@ class PackedLoader:
         self._run_of_skips = 0
         batch = collate_pack(samples, cfg.seq_len, loss_reweighting=cfg.loss_reweighting,
                              pad_token_id=self.text.pad_token_id, spatial_merge_size=self.spatial_merge_size,
-                             tokens_per_second=self.tokens_per_second)
+                             tokens_per_second=self.tokens_per_second, position_ids_fn=self.position_ids_fn)
         st = self._stats
         st["samples"] += batch["num_samples"]
         st["packs"] += 1
@@ -512,7 +513,10 @@ def _resolve_backends(cfg: DataConfig) -> tuple[str, str, str]:
 
 
 def build_train_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int, spatial_merge_size: int = 2,
-                       tokens_per_second: float | None = None) -> PackedLoader:
-    """The trainer's data entry point: an iterator of packed micro-batches for this data-parallel rank."""
+                       tokens_per_second: float | None = None, position_ids_fn=None) -> PackedLoader:
+    """The trainer's data entry point: an iterator of packed micro-batches for this data-parallel rank.
+
+    The keyword arguments come from the model family (``FamilySpec.loader_options``): the processor's merge
+    size, the MRoPE video time scale, and the position-id function (None = MRoPE)."""
     return PackedLoader(cfg, dp_rank=dp_rank, dp_size=dp_size, spatial_merge_size=spatial_merge_size,
-                        tokens_per_second=tokens_per_second)
+                        tokens_per_second=tokens_per_second, position_ids_fn=position_ids_fn)

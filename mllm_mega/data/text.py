@@ -18,7 +18,7 @@ from mllm_mega.data.vision import BadSample
 
 IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER = "<image>", "<video>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-TEXT, IMAGE, VIDEO = 0, 1, 2  # token types, as mllm_mega.models.qwen2_vl.rope_index
+TEXT, IMAGE, VIDEO = 0, 1, 2  # token types, as mllm_mega.models.positions
 
 
 @dataclass

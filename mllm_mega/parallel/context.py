@@ -229,3 +229,12 @@ def shard_microbatches(microbatches: list[dict], cp_size: int, cp_rank: int, gro
                                        group=group),
                         image_token_id=image_token_id, video_token_id=video_token_id, merge_unit=merge_unit)
             for mb in microbatches]
+
+
+def media_kwargs(arch) -> dict:
+    """The placeholder ids and merge unit :func:`shard_batch` needs, for any family (text-only: none match)."""
+    vision = getattr(arch, "vision", None)
+    if vision is None:
+        return {"image_token_id": -1, "video_token_id": -1, "merge_unit": 1}
+    return {"image_token_id": arch.image_token_id, "video_token_id": arch.video_token_id,
+            "merge_unit": vision.spatial_merge_size ** 2}

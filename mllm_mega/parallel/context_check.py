@@ -5,16 +5,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mllm_mega.parallel.context import cp_group_and_rank, shard_microbatches
+from mllm_mega.parallel.context import cp_group_and_rank, media_kwargs, shard_microbatches
 
 
 def shard_for_rank(batch: dict, arch, config) -> dict:
     """This CP rank's slice of a verify batch (local length divisible by TP under sequence parallelism)."""
     group, rank, size = cp_group_and_rank()
     multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
-    return shard_microbatches([batch], size, rank, group, multiple=multiple, image_token_id=arch.image_token_id,
-                              video_token_id=arch.video_token_id,
-                              merge_unit=arch.vision.spatial_merge_size ** 2)[0]
+    return shard_microbatches([batch], size, rank, group, multiple=multiple, **media_kwargs(arch))[0]
 
 
 def gather_logits(logits: torch.Tensor, shard, num_tokens: int) -> torch.Tensor:
@@ -31,8 +29,9 @@ def gather_logits(logits: torch.Tensor, shard, num_tokens: int) -> torch.Tensor:
 
 
 def _case_batches(arch, cases, tp: int, cp: int):
-    from mllm_mega.models.qwen2_vl.model import pack_hf_batch
+    from mllm_mega.models import registry
 
+    pack_hf_batch = registry.spec_of(arch).pack_hf_batch
     for name, inp in cases.items():
         ids, pos, cu, _ = pack_hf_batch(arch, inp["input_ids"], inp.get("attention_mask"), inp.get("image_grid_thw"),
                                         inp.get("video_grid_thw"), inp.get("second_per_grid_ts"),
@@ -47,13 +46,13 @@ def _grads(load, arch, cases, *, tp: int, cp: int, kernels: str) -> dict[str, to
     summed over the CP group."""
     from megatron.core import parallel_state as ps
 
-    from mllm_mega.models.qwen2_vl.configuration import ParallelLayout
-    from mllm_mega.models.qwen2_vl.model import build_model
+    from mllm_mega.models import registry
+    from mllm_mega.models.layout import ParallelLayout
     from mllm_mega.parallel.initialize import initialize_distributed
     from mllm_mega.training import checkpointing as ckpt
 
     initialize_distributed(tp, 1, context_parallel_size=cp)
-    model = build_model(arch, ParallelLayout(tp, 1), kernels=kernels)
+    model = registry.spec_of(arch).build_stage(arch, ParallelLayout(tp, 1), kernels=kernels)
     ckpt.load_model_weights(load, model)
     vocab_local = arch.text.vocab_size // tp
     v0 = ps.get_tensor_model_parallel_rank() * vocab_local
@@ -109,15 +108,14 @@ def verify_grads(load: str, *, tp: int, cp: int, inputs_path: str | None = None,
     """``verify --check-grads``: :func:`compare_cp_grads` on verify's inputs (``--inputs`` or its cases)."""
     import os
 
-    from mllm_mega.models.qwen2_vl.configuration import arch_from_hf_config
-    from mllm_mega.models.qwen2_vl.inputs import CASES, random_inputs
+    from mllm_mega.models import registry
     from mllm_mega.training import checkpointing as ckpt
 
-    arch = arch_from_hf_config(ckpt.read_meta(load)["hf_config"])
+    arch = registry.arch_from_hf_config(ckpt.read_meta(load)["hf_config"])
     if inputs_path:
         if not os.path.isfile(inputs_path):
             raise FileNotFoundError(f"--inputs {inputs_path!r} not found")
         cases = {"inputs": torch.load(inputs_path, weights_only=False)}
     else:
-        cases = {c: random_inputs(arch, c) for c in CASES}
+        cases = registry.spec_of(arch).verify_inputs(arch)
     return compare_cp_grads(load, arch, cases, tp=tp, cp=cp, kernels=kernels)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mllm_mega.models.qwen2_vl.convert import _pipeline_forward
+from mllm_mega.parallel.schedule import forward_only
 
 
 @torch.no_grad()
@@ -40,7 +40,7 @@ def greedy_generate(model, sample: dict, *, max_new_tokens: int, stop_ids: set[i
         }
         batch = {k: v.to(device) for k, v in batch.items()}
         seq = (real + pad) // tp if sp else real + pad
-        logits = _pipeline_forward(model, batch, seq)
+        logits = forward_only(model, batch, seq)
         token = torch.zeros(1, dtype=torch.int64, device=device)
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)[real - 1].float()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from mllm_mega.models.qwen2_vl.spec import resolve_kernels
+from mllm_mega.models.common.kernel_choice import resolve_kernels
 
 
 def weighted_loss_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, *, kernels: str = "auto",

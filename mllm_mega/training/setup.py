@@ -13,10 +13,12 @@ import os
 
 import torch
 
-from mllm_mega.config import TINY_ARCHS, Config
-from mllm_mega.models.qwen2_vl.configuration import ModelArch, ParallelLayout, arch_from_hf_config
+from mllm_mega.config import Config
+from mllm_mega.models import registry
+from mllm_mega.models.layout import ParallelLayout, Recompute
+from mllm_mega.models.registry import MODULE_GROUPS
 
-MODULES = ("vision", "merger", "llm")
+MODULES = MODULE_GROUPS
 
 
 def resolve_dtype(cfg: Config) -> torch.dtype:
@@ -32,31 +34,38 @@ def arch_config_dict(cfg: Config, text) -> dict:
         from mllm_mega.training.checkpointing import read_meta
 
         hf = read_meta(cfg.model.init_from)["hf_config"]
-    elif arch in TINY_ARCHS:
-        from mllm_mega.models.qwen2_vl.tiny import tiny_hf_config_dict
-
-        hf = tiny_hf_config_dict(arch[len("tiny_"):], **cfg.model.tiny_overrides)
+    elif arch in registry.tiny_arch_names():
+        spec = registry.get(arch[len("tiny_"):])
+        hf = spec.tiny_config(**cfg.model.tiny_overrides)
         # size the vocabulary to the tokenizer (rounded up to 64: divisible by any TP) and take its special ids
         vocab = -(-text.vocab_size // 64) * 64
-        hf["text_config"]["vocab_size"] = vocab
-        hf.update(vision_start_token_id=text.vision_start_id, vision_end_token_id=text.vision_end_id,
-                  image_token_id=text.image_token_id, video_token_id=text.video_token_id)
-        for where in (hf, hf["text_config"]):
+        text_cfg = hf.get("text_config", hf)  # VLM configs nest the LLM's keys, plain LLM configs do not
+        text_cfg["vocab_size"] = vocab
+        if spec.has_vision:
+            hf.update(vision_start_token_id=text.vision_start_id, vision_end_token_id=text.vision_end_id,
+                      image_token_id=text.image_token_id, video_token_id=text.video_token_id)
+        for where in (hf, text_cfg):
             where.update(bos_token_id=text.end_of_text_id, eos_token_id=text.end_of_text_id)
     else:
         path = os.path.join(arch, "config.json") if os.path.isdir(arch) else arch
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"model.arch={arch!r}: expected {TINY_ARCHS} or a HF config.json / model dir")
+            raise FileNotFoundError(f"model.arch={arch!r}: expected one of {registry.tiny_arch_names()} or a HF "
+                                    "config.json / model dir")
         with open(path) as f:
             hf = json.load(f)
     return hf
 
 
-def resolve_arch(cfg: Config, text) -> ModelArch:
-    arch = arch_from_hf_config(arch_config_dict(cfg, text))
-    for name, ours, theirs in (("image_token_id", arch.image_token_id, text.image_token_id),
-                               ("video_token_id", arch.video_token_id, text.video_token_id),
-                               ("vision_start_token_id", arch.vision_start_token_id, text.vision_start_id)):
+def resolve_arch(cfg: Config, text):
+    """The parsed architecture (its family's type) of the model to train, checked against the tokenizer."""
+    hf = arch_config_dict(cfg, text)
+    arch = (registry.get(cfg.model.family).parse_hf_config(hf) if cfg.model.family
+            else registry.arch_from_hf_config(hf))
+    checks = [] if not registry.spec_of(arch).has_vision else [
+        ("image_token_id", arch.image_token_id, text.image_token_id),
+        ("video_token_id", arch.video_token_id, text.video_token_id),
+        ("vision_start_token_id", arch.vision_start_token_id, text.vision_start_id)]
+    for name, ours, theirs in checks:
         if ours != theirs:
             raise ValueError(f"model {name}={ours} but the tokenizer {cfg.data.tokenizer_dir!r} gives {theirs}")
     if text.vocab_size > arch.text.vocab_size:
@@ -67,8 +76,6 @@ def resolve_arch(cfg: Config, text) -> ModelArch:
 
 def recompute_of(cfg: Config) -> dict:
     """build_model's recompute_vision / recompute_llm from the config."""
-    from mllm_mega.models.qwen2_vl.configuration import Recompute
-
     m = cfg.model
     return {f"recompute_{tower}": Recompute(getattr(m, f"recompute_{tower}"), m.recompute_method,
                                             m.recompute_num_layers) for tower in ("vision", "llm")}
@@ -80,24 +87,41 @@ def layout_of(cfg: Config) -> ParallelLayout:
                           num_llm_layers_in_first_stage=p.num_llm_layers_in_first_stage)
 
 
-def module_of(name: str) -> str:
-    """Which stage module a parameter name belongs to: vision | merger | llm."""
-    if ".merger." in f".{name}":
-        return "merger"
-    if name.startswith("vision.") or ".vision." in name:
-        return "vision"
-    return "llm"
+def module_groups(model) -> dict[str, list]:
+    """{group: parameters} of this stage, as the model's family names its modules (``MODULE_GROUPS``); every
+    parameter is in exactly one group (a ValueError names any that is not)."""
+    groups = registry.spec_of(model.arch).module_groups(model)
+    unknown = sorted(set(groups) - set(registry.spec_of(model.arch).groups))
+    if unknown:
+        raise ValueError(f"family {model.arch.family}: module groups {unknown} not among its declared groups")
+    seen: dict[int, str] = {}
+    for group, params in groups.items():
+        for p in params:
+            if id(p) in seen:
+                raise ValueError(f"a parameter is in module groups {seen[id(p)]!r} and {group!r}")
+            seen[id(p)] = group
+    stray = [n for n, p in model.named_parameters() if id(p) not in seen]
+    if stray:
+        raise ValueError(f"parameters in no module group: {stray[:5]}")
+    return {g: groups.get(g, []) for g in MODULE_GROUPS}
+
+
+def frozen_groups(arch, cfg: Config) -> dict[str, bool]:
+    """stage.freeze_<group> per group of the whole model (not of one pipeline stage); a group the family does
+    not have (e.g. vision in a text-only LLM) counts as frozen: nothing there trains."""
+    present = registry.spec_of(arch).groups
+    return {g: getattr(cfg.stage, f"freeze_{g}") or g not in present for g in MODULE_GROUPS}
 
 
 def apply_freeze(model, cfg: Config) -> dict[str, int]:
-    """Set requires_grad per the stage; returns trainable parameter counts per module (this rank)."""
-    frozen = {"vision": cfg.stage.freeze_vision, "merger": cfg.stage.freeze_merger, "llm": cfg.stage.freeze_llm}
+    """Set requires_grad per the stage; returns trainable parameter counts per module group (this rank)."""
     counts = dict.fromkeys(MODULES, 0)
-    for name, p in model.named_parameters():
-        module = module_of(name)
-        p.requires_grad_(not frozen[module])
-        if p.requires_grad:
-            counts[module] += p.numel()
+    for group, params in module_groups(model).items():
+        frozen = getattr(cfg.stage, f"freeze_{group}")
+        for p in params:
+            p.requires_grad_(not frozen)
+            if p.requires_grad:
+                counts[group] += p.numel()
     return counts
 
 
@@ -146,10 +170,11 @@ def build_optimizer(ddp_model, cfg: Config, params_dtype: torch.dtype):
         ParamKey(name="*.bias", predicate=ParamPredicate(name="dim1", fn=lambda p: p.dim() == 1)):
             ParamGroupOverride(wd_mult=0.0),
     }
-    for module in MODULES:
+    for module, params in module_groups(ddp_model.module).items():
         mult = getattr(cfg.stage, f"lr_mult_{module}")
-        if mult != 1.0:
-            pred = ParamWithNamePredicate(name=f"in_{module}", fn=lambda p, n, m=module: module_of(_strip(n)) == m)
+        if mult != 1.0 and params:
+            ids = frozenset(id(p) for p in params)  # by parameter identity, not by name
+            pred = ParamWithNamePredicate(name=f"in_{module}", fn=lambda p, n, ids=ids: id(p) in ids)
             overrides[ParamKey(with_name_predicate=pred)] = ParamGroupOverride(max_lr=o.lr * mult,
                                                                                min_lr=o.min_lr * mult)
     optimizer = get_megatron_optimizer(opt_config, [ddp_model], config_overrides=overrides)
@@ -162,6 +187,3 @@ def build_optimizer(ddp_model, cfg: Config, params_dtype: torch.dtype):
     )
     return optimizer, scheduler
 
-
-def _strip(name: str) -> str:
-    return name[len("module."):] if name.startswith("module.") else name

@@ -60,14 +60,12 @@ def train_step(ddp_model, optimizer, microbatches: list[dict], *, kernels: str, 
 
     config = ddp_model.config
     if ps.get_context_parallel_world_size() > 1:  # context parallel: this rank's slice of every micro-batch
-        from mllm_mega.parallel.context import cp_group_and_rank, shard_microbatches
+        from mllm_mega.parallel.context import cp_group_and_rank, media_kwargs, shard_microbatches
 
         group, rank, size = cp_group_and_rank()
         microbatches = shard_microbatches(
             microbatches, size, rank, group,
-            multiple=config.tensor_model_parallel_size if config.sequence_parallel else 1,
-            image_token_id=arch.image_token_id, video_token_id=arch.video_token_id,
-            merge_unit=arch.vision.spatial_merge_size ** 2)
+            multiple=config.tensor_model_parallel_size if config.sequence_parallel else 1, **media_kwargs(arch))
     local_w = sum(float(mb["loss_weights"].double().sum()) for mb in microbatches)
     denom = torch.tensor([local_w], dtype=torch.float64)
     dist.all_reduce(denom, group=dp_group)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from mllm_mega.config import Config
-from mllm_mega.models.qwen2_vl.spec import resolve_kernels
+from mllm_mega.models.common.kernel_choice import resolve_kernels
 from mllm_mega.training import checkpointing as ckpt
 from mllm_mega.training import integrity, resume, setup
 from mllm_mega.training.flops import device_peak_tflops, pack_flops, training_multipliers
@@ -40,7 +40,7 @@ class Trainer:
 
         from mllm_mega.data.loader import build_train_loader
         from mllm_mega.data.text import TextProcessor
-        from mllm_mega.models.qwen2_vl.model import build_model
+        from mllm_mega.models import registry
 
         self.cfg = cfg
         self._stop_signal = None
@@ -60,7 +60,8 @@ class Trainer:
         self.arch = setup.resolve_arch(cfg, self.text)
         self.dtype = setup.resolve_dtype(cfg)
         self.kernels = resolve_kernels(cfg.model.kernels)  # once, so the model and the loss slot agree
-        self.model = build_model(self.arch, setup.layout_of(cfg), kernels=self.kernels, params_dtype=self.dtype,
+        self.spec = registry.spec_of(self.arch)
+        self.model = self.spec.build_stage(self.arch, setup.layout_of(cfg), kernels=self.kernels, params_dtype=self.dtype,
                                  **setup.recompute_of(cfg))
         self.start_iteration = 0
         # collective: verifies the manifest; a bad latest checkpoint falls back to the newest intact one
@@ -70,17 +71,14 @@ class Trainer:
             ckpt.load_model_weights(cfg.model.init_from, self.model)
             self._print(f"[train] initial weights from {cfg.model.init_from}")
         setup.apply_freeze(self.model, cfg)
-        self.frozen = {"vision": cfg.stage.freeze_vision, "merger": cfg.stage.freeze_merger,
-                       "llm": cfg.stage.freeze_llm}
+        self.frozen = setup.frozen_groups(self.arch, cfg)
         self.ddp = setup.wrap_ddp(self.model, cfg)
         self.optimizer, self.scheduler = setup.build_optimizer(self.ddp, cfg, self.dtype)
         # same_data_at_any_dp (testing aid): every rank reads the DP-1 stream and keeps its share of each batch
         self.shared_stream = cfg.train.same_data_at_any_dp and self.dp_size > 1
         loader_dp = (0, 1) if self.shared_stream else (self.dp_rank, self.dp_size)
         self.loader = build_train_loader(cfg.data, dp_rank=loader_dp[0], dp_size=loader_dp[1],
-                                         spatial_merge_size=self.arch.vision.spatial_merge_size,
-                                         tokens_per_second=self.arch.vision.tokens_per_second
-                                         if self.arch.family == "qwen2_5_vl" else None)
+                                         **self.spec.loader_options(self.arch))
         self.consumed_samples, self.nan_skipped_steps, self.nan_in_a_row = 0, 0, 0
         self.async_queue = None
         async_save = cfg.checkpoint.async_save
@@ -181,24 +179,14 @@ class Trainer:
         an exported checkpoint loads with AutoProcessor."""
         import shutil
 
-        from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
         src, dst = self.cfg.data.tokenizer_dir, os.path.join(self.ckpt_dir, "hf_extra")
         if os.path.isdir(dst) or not os.path.isdir(src):
             return
         tmp = dst + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp)
-        if not os.path.isfile(os.path.join(tmp, "preprocessor_config.json")):
-            v, d = self.arch.vision, self.cfg.data
-            config = {
-                "image_processor_type": "Qwen2VLImageProcessor", "do_convert_rgb": True, "do_resize": True,
-                "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "resample": 3,
-                "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
-                "size": {"shortest_edge": d.min_pixels, "longest_edge": d.max_pixels},
-                "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
-                "merge_size": v.spatial_merge_size,
-            }
+        config = self.spec.processor_config(self.arch, self.cfg.data)  # None for a text-only model
+        if config is not None and not os.path.isfile(os.path.join(tmp, "preprocessor_config.json")):
             with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
                 json.dump(config, f, indent=2)
         os.replace(tmp, dst)

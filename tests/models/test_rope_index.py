@@ -4,7 +4,7 @@ import torch
 
 from mllm_mega.models.qwen2_vl.configuration import arch_from_hf_config
 from mllm_mega.models.qwen2_vl.inputs import CASES, random_inputs
-from mllm_mega.models.qwen2_vl.rope_index import get_rope_index
+from mllm_mega.models.positions import get_rope_index
 from mllm_mega.models.qwen2_vl.tiny import build_tiny_hf_model, tiny_hf_config_dict
 
 

@@ -41,7 +41,7 @@ def hf_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ckpts(hf_dirs, tmp_path_factory):
     """hf_dirs imported (in-process import_hf: the import CLI itself is tested in tests/models)."""
-    from mllm_mega.models.qwen2_vl.convert import import_hf
+    from mllm_mega.checkpoint.convert import import_hf
 
     root = tmp_path_factory.mktemp("ckpt")
     out = {}

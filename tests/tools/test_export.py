@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mllm_mega.models.qwen2_vl.export import compare_hf_dirs, export_hf, parse_size
+from mllm_mega.checkpoint.export import compare_hf_dirs, export_hf, parse_size
 from tests.conftest import run_cmd
 from tests.tools.conftest import assert_nothing_written, load_tool
 

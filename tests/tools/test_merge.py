@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from mllm_mega.models.qwen2_vl.checkpoint_io import load_full_state, resolve_checkpoint
-from mllm_mega.models.qwen2_vl.merge import (
+from mllm_mega.checkpoint.io import load_full_state, resolve_checkpoint
+from mllm_mega.checkpoint.merge import (
     check_same_tensors, linear_merge, merge_checkpoints, ties_merge, trim_top_k,
 )
 from tests.conftest import run_cmd

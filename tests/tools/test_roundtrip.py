@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mllm_mega.models.qwen2_vl.export import compare_hf_dirs
+from mllm_mega.checkpoint.export import compare_hf_dirs
 from tests.conftest import run_cmd
 from tests.tools.conftest import load_tool
 

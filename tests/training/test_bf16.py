@@ -72,7 +72,7 @@ def test_bf16_resume_is_bit_identical(runs):
 def test_bf16_checkpoint_exports_bf16_and_loads_in_transformers(runs, tmp_path):
     from safetensors import safe_open
 
-    from mllm_mega.models.qwen2_vl.export import export_hf
+    from mllm_mega.checkpoint.export import export_hf
 
     hf = str(tmp_path / "hf")
     export_hf(os.path.join(runs["bf16_tp2"], "checkpoints"), hf, progress=False)  # what export-hf runs

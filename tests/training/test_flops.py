@@ -6,7 +6,8 @@ from mllm_mega.models.qwen2_vl.configuration import arch_from_hf_config
 from mllm_mega.models.qwen2_vl.model import build_model
 from mllm_mega.models.qwen2_vl.tiny import tiny_hf_config_dict
 from mllm_mega.parallel.initialize import initialize_distributed
-from mllm_mega.training.flops import llm_forward_flops, pack_flops, training_multipliers, vision_forward_flops
+from mllm_mega.models.qwen2_vl.flops import llm_forward_flops, vision_forward_flops
+from mllm_mega.training.flops import pack_flops, training_multipliers
 
 
 def _pack(arch):

@@ -24,7 +24,7 @@ COMMON = ("model.dtype=bfloat16", "data.seq_len=256", "train.max_steps=3", "opti
 
 def _weights(run_dir):
     """The run's last checkpoint, loaded whole in this process (fp32 holds the bf16 values exactly)."""
-    from mllm_mega.models.qwen2_vl.checkpoint_io import load_full_state, resolve_checkpoint
+    from mllm_mega.checkpoint.io import load_full_state, resolve_checkpoint
 
     return load_full_state(resolve_checkpoint(os.path.join(run_dir, "checkpoints")))
 

@@ -18,11 +18,12 @@ def _params_dtype(config) -> torch.dtype:
 
 
 class TorchRMSNorm(nn.Module):
-    def __init__(self, config=None, hidden_size: int = 0, eps: float = 1e-6, **kwargs):
+    def __init__(self, config=None, hidden_size: int = 0, eps: float = 1e-6, sequence_parallel_grad: bool = True,
+                 **kwargs):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=_params_dtype(config)))
         self.eps = eps
-        if config is not None and getattr(config, "sequence_parallel", False):
+        if sequence_parallel_grad and config is not None and getattr(config, "sequence_parallel", False):
             self.weight.sequence_parallel = True  # its grad is all-reduced over the TP group
 
     def forward(self, x):

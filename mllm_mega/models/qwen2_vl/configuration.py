@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mllm_mega.models.layout import ParallelLayout, Recompute, _recompute_kwargs  # noqa: F401 (re-exported)
+from mllm_mega.models.llms.qwen import TextArch, llm_transformer_config, text_arch_from_hf
+
 FAMILIES = {
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
@@ -51,28 +54,6 @@ class VisionArch:
 
 
 @dataclass
-class TextArch:
-    """Qwen2 LLM shapes."""
-
-    vocab_size: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 1000000.0
-    mrope_section: list[int] = field(default_factory=lambda: [16, 24, 24])
-    tie_word_embeddings: bool = False
-    max_position_embeddings: int = 32768
-    hidden_act: str = "silu"
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-
-@dataclass
 class ModelArch:
     """A whole Qwen2(.5)-VL model: family, towers and special token ids."""
 
@@ -86,8 +67,10 @@ class ModelArch:
     hf_config: dict = field(default_factory=dict, repr=False)  # the original config.json, for export
 
     def __post_init__(self):
-        if self.family not in MODEL_TYPES:
-            raise ValueError(f"family {self.family!r} not supported; expected one of {sorted(MODEL_TYPES)}")
+        from mllm_mega.models import registry
+
+        if self.family not in registry.names():
+            raise ValueError(f"family {self.family!r} not supported; expected one of {registry.names()}")
         if sum(self.text.mrope_section) * 2 != self.text.head_dim:
             raise ValueError(
                 f"rope_parameters.mrope_section {self.text.mrope_section} must sum to head_dim/2 = "
@@ -128,30 +111,9 @@ def arch_from_hf_config(cfg: dict) -> ModelArch:
         )
     text_cfg = cfg.get("text_config") or cfg  # transformers 4.x wrote the text keys at the top level
     vis = _need(cfg, "vision_config", "")
-    rope = text_cfg.get("rope_parameters") or text_cfg.get("rope_scaling") or {}
-    rope_theta = rope.get("rope_theta", text_cfg.get("rope_theta", 1000000.0))
-    mrope_section = list(rope.get("mrope_section", [16, 24, 24]))
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "mrope"):
-        raise ValueError(f"config.json: rope type {rope.get('rope_type')!r} is not supported (only default MRoPE)")
-    hidden = _need(text_cfg, "hidden_size", "text_config.")
-    num_heads = _need(text_cfg, "num_attention_heads", "text_config.")
     tie = bool(cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False)))
-    text = TextArch(
-        vocab_size=_need(text_cfg, "vocab_size", "text_config."),
-        hidden_size=hidden,
-        ffn_hidden_size=_need(text_cfg, "intermediate_size", "text_config."),
-        num_layers=_need(text_cfg, "num_hidden_layers", "text_config."),
-        num_heads=num_heads,
-        num_kv_heads=text_cfg.get("num_key_value_heads", num_heads),
-        rms_norm_eps=text_cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope_theta),
-        mrope_section=mrope_section,
-        tie_word_embeddings=tie,
-        max_position_embeddings=text_cfg.get("max_position_embeddings", 32768),
-        hidden_act=text_cfg.get("hidden_act", "silu"),
-    )
-    if text.hidden_act != "silu":
-        raise ValueError(f"config.json: text_config.hidden_act {text.hidden_act!r} not supported (silu)")
+    text = text_arch_from_hf(text_cfg, kind="qwen2", tie=tie)
+    hidden = text.hidden_size
     vrope = vis.get("rope_parameters") or {}
     if family == "qwen2_5_vl":
         vision = VisionArch(
@@ -222,56 +184,6 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-@dataclass
-class ParallelLayout:
-    """How the model is split: tensor/pipeline parallel sizes and the LLM layers on the first stage."""
-
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    sequence_parallel: bool = True  # in the LLM, when TP > 1
-    num_llm_layers_in_first_stage: int | None = None  # None = even split
-
-
-RECOMPUTE_GRANULARITIES = ("none", "selective", "full")
-RECOMPUTE_METHODS = ("uniform", "block")
-
-
-@dataclass
-class Recompute:
-    """Activation recomputation of one tower, as megatron-core's ``recompute_*`` TransformerConfig fields.
-
-    ``selective`` = megatron's ``core_attn`` recompute: megatron's ``SelfAttention`` checkpoints its
-    ``core_attention`` slot, which here is our RoPE + packed attention, re-run in the backward (megatron's other
-    selective modules are not offered: ``mlp`` recurses in the backward on the ViT's biased MLP, whose
-    checkpoint returns the fc2 bias parameter itself; ``layernorm`` needs Transformer Engine).
-    ``full`` re-runs whole layers: ``uniform`` = every layer, checkpointed in chunks of ``num_layers``;
-    ``block`` = only the first ``num_layers`` layers of each pipeline stage (of the ViT for the vision tower).
-    """
-
-    granularity: str = "none"
-    method: str = "uniform"
-    num_layers: int = 1
-
-    def __post_init__(self):
-        for name, value, choices in (("granularity", self.granularity, RECOMPUTE_GRANULARITIES),
-                                     ("method", self.method, RECOMPUTE_METHODS)):
-            if value not in choices:
-                raise ValueError(f"recompute {name}={value!r}; expected one of {choices}")
-        if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 1:
-            raise ValueError(f"recompute num_layers must be a positive int, got {self.num_layers!r}")
-
-
-def _recompute_kwargs(r: Recompute | None, num_local_layers: int, where: str) -> dict:
-    if r is None or r.granularity == "none":
-        return {}
-    if r.granularity == "selective":
-        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
-    if r.num_layers > num_local_layers or (r.method == "uniform" and num_local_layers % r.num_layers):
-        raise ValueError(f"{where}: recompute num_layers={r.num_layers} with method {r.method!r} does not fit "
-                         f"{num_local_layers} layers per stage (uniform needs a divisor, block at most that many)")
-    return {"recompute_granularity": "full", "recompute_method": r.method, "recompute_num_layers": r.num_layers}
-
-
 def to_transformer_configs(arch: ModelArch, layout: ParallelLayout, *, params_dtype=torch.float32,
                            use_cpu_initialization: bool = True, recompute_vision: Recompute | None = None,
                            recompute_llm: Recompute | None = None):
@@ -316,44 +228,5 @@ def to_transformer_configs(arch: ModelArch, layout: ParallelLayout, *, params_dt
         **{**common, "pipeline_model_parallel_size": 1},
         **_recompute_kwargs(recompute_vision, v.depth, "vision"),
     )
-    t = arch.text
-    if t.num_kv_heads % tp or t.num_heads % tp:
-        raise ValueError(f"LLM heads {t.num_heads}/{t.num_kv_heads} (q/kv) not divisible by TP={tp}")
-    if t.vocab_size % tp:
-        raise ValueError(f"vocab_size {t.vocab_size} not divisible by TP={tp}")
-    first = layout.num_llm_layers_in_first_stage
-    extra = {}
-    if pp > 1 and first is not None:
-        rest = t.num_layers - first
-        if first < 0 or rest < 0 or rest % (pp - 1):
-            raise ValueError(
-                f"num_llm_layers_in_first_stage={first}: the other {rest} LLM layers must split evenly "
-                f"over the remaining {pp - 1} stages"
-            )
-        extra["num_layers_in_first_pipeline_stage"] = first
-        local_layers = [first, rest // (pp - 1)]
-    elif t.num_layers % pp:
-        raise ValueError(f"{t.num_layers} LLM layers do not split evenly over PP={pp}; "
-                         "set num_llm_layers_in_first_stage")
-    else:
-        local_layers = [t.num_layers // pp]
-    for n in sorted({x for x in local_layers if x > 0}):  # full recompute must fit every stage's layers
-        extra.update(_recompute_kwargs(recompute_llm, n, "llm"))
-    llm_cfg = TransformerConfig(
-        num_layers=t.num_layers,
-        hidden_size=t.hidden_size,
-        ffn_hidden_size=t.ffn_hidden_size,
-        num_attention_heads=t.num_heads,
-        num_query_groups=t.num_kv_heads,
-        kv_channels=t.head_dim,
-        add_bias_linear=False,
-        add_qkv_bias=True,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        normalization="RMSNorm",
-        layernorm_epsilon=t.rms_norm_eps,
-        sequence_parallel=layout.sequence_parallel and tp > 1,
-        **common,
-        **extra,
-    )
+    llm_cfg = llm_transformer_config(arch.text, layout, common, recompute_llm)
     return vision_cfg, llm_cfg

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from mllm_mega.models.llms.qwen import llm_key_pairs, qkv_from_megatron, qkv_to_megatron  # noqa: F401
 from mllm_mega.models.qwen2_vl.configuration import ModelArch
 
 
@@ -26,28 +27,6 @@ def normalize_hf_key(key: str) -> str:
     if key.startswith("model.language_model."):
         return "model." + key[len("model.language_model."):]
     return key
-
-
-# ---- QKV layouts ---------------------------------------------------------------------------------------
-def qkv_to_megatron(q, k, v, num_heads: int, num_kv_heads: int):
-    """[q; k; v] (rows per head) -> megatron's grouped layout, for weights (out, in) or biases (out,)."""
-    head_dim = q.shape[0] // num_heads
-    rest = q.shape[1:]
-    per_group = num_heads // num_kv_heads
-    q = q.reshape(num_kv_heads, per_group * head_dim, *rest)
-    k = k.reshape(num_kv_heads, head_dim, *rest)
-    v = v.reshape(num_kv_heads, head_dim, *rest)
-    return torch.cat([q, k, v], dim=1).reshape(-1, *rest).contiguous()
-
-
-def qkv_from_megatron(qkv, num_heads: int, num_kv_heads: int):
-    per_group = num_heads // num_kv_heads
-    head_dim = qkv.shape[0] // (num_heads + 2 * num_kv_heads)
-    rest = qkv.shape[1:]
-    g = qkv.reshape(num_kv_heads, (per_group + 2) * head_dim, *rest)
-    q, k, v = torch.split(g, [per_group * head_dim, head_dim, head_dim], dim=1)
-    return (q.reshape(-1, *rest).contiguous(), k.reshape(-1, *rest).contiguous(),
-            v.reshape(-1, *rest).contiguous())
 
 
 # ---- the map -------------------------------------------------------------------------------------------
@@ -84,23 +63,7 @@ def key_map(arch: ModelArch):
     for p in ("weight", "bias"):
         pairs.append((f"vision.merger.fc1.{p}", [f"visual.merger.mlp.0.{p}"], "copy"))
         pairs.append((f"vision.merger.fc2.{p}", [f"visual.merger.mlp.2.{p}"], "copy"))
-    lm = "language_model."
-    pairs.append((f"{lm}embedding.word_embeddings.weight", ["model.embed_tokens.weight"], "copy"))
-    for i in range(arch.text.num_layers):
-        hf, ours = f"model.layers.{i}.", f"{lm}decoder.layers.{i}."
-        pairs += [
-            (f"{ours}input_layernorm.weight", [f"{hf}input_layernorm.weight"], "copy"),
-            (f"{ours}pre_mlp_layernorm.weight", [f"{hf}post_attention_layernorm.weight"], "copy"),
-            (f"{ours}self_attention.linear_qkv.weight",
-             [f"{hf}self_attn.{x}_proj.weight" for x in "qkv"], "qkv_split"),
-            (f"{ours}self_attention.linear_qkv.bias", [f"{hf}self_attn.{x}_proj.bias" for x in "qkv"], "qkv_split"),
-            (f"{ours}self_attention.linear_proj.weight", [f"{hf}self_attn.o_proj.weight"], "copy"),
-            (f"{ours}mlp.linear_fc1.weight", [f"{hf}mlp.gate_proj.weight", f"{hf}mlp.up_proj.weight"], "glu"),
-            (f"{ours}mlp.linear_fc2.weight", [f"{hf}mlp.down_proj.weight"], "copy"),
-        ]
-    pairs.append((f"{lm}decoder.final_layernorm.weight", ["model.norm.weight"], "copy"))
-    if not arch.text.tie_word_embeddings:
-        pairs.append((f"{lm}output_layer.weight", ["lm_head.weight"], "copy"))
+    pairs += llm_key_pairs(arch.text)
     return pairs
 
 

@@ -11,15 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from mllm_mega.models.common.attention import make_packed_seq_params
-from mllm_mega.models.common.norm import TorchRMSNorm, TritonRMSNorm
+from mllm_mega.models.llms.qwen import build_language_model, rope_inv_freq
 from mllm_mega.models.qwen2_vl.configuration import ModelArch, ParallelLayout, Recompute, to_transformer_configs
-from mllm_mega.models.qwen2_vl.rope_index import get_rope_index
-from mllm_mega.models.qwen2_vl.spec import layer_spec, resolve_kernels
+from mllm_mega.models.positions import get_rope_index
+from mllm_mega.models.common.layer_spec import resolve_kernels
 from mllm_mega.models.qwen2_vl.vision import VisionTransformer
 
 
@@ -37,27 +35,9 @@ class Qwen2VLModel(MegatronModule):
         kernels = resolve_kernels(kernels)
         self.kernels = kernels
         self.vision = VisionTransformer(vision_config, arch.vision, kernels=kernels) if pre_process else None
-        norm_cls = TritonRMSNorm if kernels == "triton" else TorchRMSNorm
-        num_local = _num_local_layers(llm_config)
-        block = TransformerBlockSubmodules(
-            layer_specs=[layer_spec(causal=True, norm="rmsnorm", kernels=kernels)] * num_local,
-            layer_norm=norm_cls,
-        )
-        self.language_model = GPTModel(
-            config=llm_config,
-            transformer_layer_spec=block,
-            vocab_size=arch.text.vocab_size,
-            max_sequence_length=arch.text.max_position_embeddings,
-            pre_process=pre_process,
-            post_process=post_process,
-            parallel_output=True,
-            share_embeddings_and_output_weights=arch.text.tie_word_embeddings,
-            position_embedding_type="none",
-            scatter_embedding_sequence_parallel=False,
-        )
-        head_dim = arch.text.head_dim
-        inv_freq = 1.0 / (arch.text.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+        self.language_model = build_language_model(arch.text, llm_config, kernels=kernels,
+                                                   pre_process=pre_process, post_process=post_process)
+        self.register_buffer("rope_inv_freq", rope_inv_freq(arch.text), persistent=False)
         self.share_embeddings_and_output_weights = arch.text.tie_word_embeddings
 
     # --- pipeline plumbing -------------------------------------------------------------------------
@@ -122,12 +102,6 @@ class Qwen2VLModel(MegatronModule):
         return out
 
 
-def _num_local_layers(config) -> int:
-    from megatron.core.transformer.transformer_block import get_num_layers_to_build
-
-    return get_num_layers_to_build(config)
-
-
 def build_model(arch: ModelArch, layout: ParallelLayout | None = None, *, kernels: str = "torch",
                 params_dtype=torch.float32, recompute_vision: Recompute | None = None,
                 recompute_llm: Recompute | None = None) -> Qwen2VLModel:
@@ -165,7 +139,7 @@ def pack_hf_batch(arch: ModelArch, input_ids, attention_mask=None, image_grid_th
         input_ids, image_token_id=arch.image_token_id, video_token_id=arch.video_token_id,
         image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
         attention_mask=attention_mask, spatial_merge_size=arch.vision.spatial_merge_size,
-        tokens_per_second=arch.vision.tokens_per_second if arch.family == "qwen2_5_vl" else None,
+        tokens_per_second=arch.vision.tokens_per_second,  # None: Qwen2-VL (interval 1)
     )
     keep = attention_mask.bool()
     token_index = torch.nonzero(keep.reshape(-1)).squeeze(1)

@@ -21,7 +21,7 @@ from torch import nn
 from mllm_mega.models.common.attention import make_packed_seq_params
 from mllm_mega.models.common.norm import TorchLayerNorm, TorchRMSNorm, TritonRMSNorm
 from mllm_mega.models.qwen2_vl.configuration import VisionArch
-from mllm_mega.models.qwen2_vl.spec import layer_spec
+from mllm_mega.models.common.layer_spec import layer_spec
 
 
 def vision_position_ids(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:

@@ -22,7 +22,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from mllm_mega.models.qwen2_vl.configuration import ModelArch, ParallelLayout, arch_from_hf_config
+from mllm_mega.models import registry
+from mllm_mega.models.layout import ParallelLayout
 from mllm_mega.training import checkpointing as ckpt
 
 HF_EXTRA = "hf_extra"
@@ -36,7 +37,7 @@ class CheckpointRef:
     iter_path: str
     iteration: int
     meta: dict
-    arch: ModelArch
+    arch: object  # the family's parsed architecture (registry.arch_from_hf_config)
 
 
 def resolve_checkpoint(path: str, flag: str = "--load") -> CheckpointRef:
@@ -70,19 +71,18 @@ def resolve_checkpoint(path: str, flag: str = "--load") -> CheckpointRef:
     if not isinstance(meta.get("hf_config"), dict):
         raise ValueError(f"{flag} {path!r}: {ckpt.META} has no 'hf_config' object")
     try:
-        arch = arch_from_hf_config(meta["hf_config"])
+        arch = registry.arch_from_hf_config(meta["hf_config"])
     except ValueError as e:
         raise ValueError(f"{flag} {path!r}: {e}") from None
     return CheckpointRef(root=root, iter_path=iter_path, iteration=iteration, meta=meta, arch=arch)
 
 
-def build_full_model(arch: ModelArch):
+def build_full_model(arch):
     """The whole model at TP=1/PP=1 in this process (fp32, torch kernels)."""
-    from mllm_mega.models.qwen2_vl.model import build_model
     from mllm_mega.parallel.initialize import initialize_distributed
 
     initialize_distributed(1, 1)
-    return build_model(arch, ParallelLayout(), kernels="torch").eval()
+    return registry.spec_of(arch).build_stage(arch, ParallelLayout(), kernels="torch").eval()
 
 
 def load_full_model(ref: CheckpointRef):
@@ -139,7 +139,7 @@ def copy_hf_extra(src_root: str, dst_root: str, names: list[str] | None = None) 
 
 def save_full_state(root: str, meta: dict, state: dict[str, torch.Tensor], *, iteration: int = 0) -> None:
     """Write ``state`` (full tensors, our names) as a model-only checkpoint at ``root`` (TP=1/PP=1)."""
-    arch = arch_from_hf_config(meta["hf_config"])
+    arch = registry.arch_from_hf_config(meta["hf_config"])
     model = build_full_model(arch)
     expected = tensor_state(model)
     missing = sorted(set(expected) - set(state))

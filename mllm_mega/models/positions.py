@@ -1,4 +1,5 @@
-"""MRoPE position ids for Qwen2-VL / Qwen2.5-VL (3 rows: temporal, height, width).
+"""MRoPE position ids (3 rows: temporal, height, width) as Qwen2-VL / Qwen2.5-VL define them; on text alone
+all three rows are 0, 1, 2, ..., i.e. plain 1-D RoPE positions.
 
 Follows the rule of the transformers implementation (``get_rope_index``): text tokens advance all three rows
 by one; a run of image (video) placeholder tokens gets a (t, h, w) grid of positions offset by the running
@@ -121,3 +122,13 @@ def get_rope_index(
         )
         out[:, b, keep] = pos
     return out
+
+
+def sequential_position_ids(token_types: Sequence[int] | torch.Tensor, image_grids: Iterable = (),
+                            video_grids: Iterable = (), second_per_grid_ts: Iterable[float] | None = None, *,
+                            spatial_merge_size: int = 2, tokens_per_second: float | None = None) -> torch.Tensor:
+    """1-D positions 0..n-1 over every token, vision placeholders included, as three equal rows (3, n): for a
+    family whose LLM uses plain RoPE (same signature as :func:`sample_position_ids`, grids unused)."""
+    n = len(token_types)
+    return torch.arange(n, dtype=torch.long).view(1, -1).expand(3, -1).contiguous()
+

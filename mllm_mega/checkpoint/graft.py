@@ -14,29 +14,23 @@ Both checkpoints must be of the same family (the ViT type and the processor depe
 """
 from __future__ import annotations
 
-import copy
 import os
 
 import torch
 
-from mllm_mega.models.qwen2_vl.checkpoint_io import (
+from mllm_mega.checkpoint.io import (
     HF_EXTRA, check_out, copy_hf_extra, load_full_state, resolve_checkpoint, save_full_state, staged_output,
 )
-from mllm_mega.models.qwen2_vl.configuration import arch_from_hf_config
+from mllm_mega.models.registry import arch_from_hf_config, family_of_hf_config
+from mllm_mega.models.registry import spec_of as registry_spec_of
 
 PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
 MERGER_OUT = ("vision.merger.fc2.weight", "vision.merger.fc2.bias")
 
 
 def grafted_hf_config(vision_cfg: dict, llm_cfg: dict) -> dict:
-    """B's config with A's vision_config, its merger output width set to B's LLM width."""
-    out = copy.deepcopy(llm_cfg)
-    vision = copy.deepcopy(vision_cfg["vision_config"])
-    width = arch_from_hf_config(llm_cfg).text.hidden_size
-    family = arch_from_hf_config(vision_cfg).family
-    vision["out_hidden_size" if family == "qwen2_5_vl" else "hidden_size"] = width
-    out["vision_config"] = vision
-    return out
+    """B's config with A's vision_config, its merger output width set to B's LLM width (the family's rule)."""
+    return family_of_hf_config(vision_cfg).graft_hf_config(vision_cfg, llm_cfg)
 
 
 def graft_vision(vision_from: str, llm_from: str, out: str, *, seed: int = 0) -> dict:
@@ -46,6 +40,8 @@ def graft_vision(vision_from: str, llm_from: str, out: str, *, seed: int = 0) ->
     if a.arch.family != b.arch.family:
         raise ValueError(f"--vision-from {vision_from!r} is {a.arch.family} but --llm-from {llm_from!r} is "
                          f"{b.arch.family}; grafting needs two checkpoints of the same family")
+    if registry_spec_of(a.arch).graft_hf_config is None:
+        raise ValueError(f"--vision-from {vision_from!r}: family {a.arch.family} has no vision tower to graft")
     check_out(out)
     cfg = grafted_hf_config(a.meta["hf_config"], b.meta["hf_config"])
     arch = arch_from_hf_config(cfg)  # validates the combination

@@ -24,12 +24,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mllm_mega.models.qwen2_vl.checkpoint_io import (
+from mllm_mega.checkpoint.io import (
     check_out, copy_hf_extra, load_full_model, parse_dtype, rank, resolve_checkpoint, staged_output,
     tensor_state,
 )
-from mllm_mega.models.qwen2_vl.configuration import ModelArch, ParallelLayout, to_transformer_configs
-from mllm_mega.models.qwen2_vl.hf_adapter import key_map, ours_to_hf
+from mllm_mega.models import registry
+from mllm_mega.models.layout import ParallelLayout
 from mllm_mega.training import checkpointing as ckpt
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -115,14 +115,15 @@ def write_hf_weights(out_dir: str, tensors, max_shard_bytes: int, dtype: torch.d
     return index
 
 
-def write_hf_dir(out_dir: str, arch: ModelArch, state: dict[str, torch.Tensor], *, dtype: torch.dtype,
+def write_hf_dir(out_dir: str, arch, state: dict[str, torch.Tensor], *, dtype: torch.dtype,
                  max_shard_bytes: int, extra_from: str | None = None, progress: bool = True) -> dict:
     """Full state (our names) -> HF files in ``out_dir`` (which exists): weights, configs, hf_extra files."""
-    num = sum(len(hf_keys) for _, hf_keys, _ in key_map(arch))
-    index = write_hf_weights(out_dir, ours_to_hf(arch, state.__getitem__), max_shard_bytes, dtype, total=num,
+    spec = registry.spec_of(arch)
+    num = sum(len(hf_keys) for _, hf_keys, _ in spec.key_map(arch))
+    index = write_hf_weights(out_dir, spec.ours_to_hf(arch, state.__getitem__), max_shard_bytes, dtype, total=num,
                              progress=progress)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(_export_config(arch.hf_config, dtype), f, indent=2)
+        json.dump((spec.export_hf_config or _export_config)(arch.hf_config, dtype), f, indent=2)
     extra = os.path.join(extra_from, "hf_extra") if extra_from else None
     if extra and os.path.isdir(extra):
         for name in sorted(os.listdir(extra)):
@@ -159,14 +160,13 @@ def reshard(load: str, out: str, *, tp: int = 1, pp: int = 1, num_llm_layers_in_
     The result is what a training run at that layout writes for the model (meta and hf_extra copied, same
     iteration). Temporary name, renamed by rank 0 when every rank has finished.
     """
-    from mllm_mega.models.qwen2_vl.model import build_model
     from mllm_mega.parallel.initialize import initialize_distributed
 
     ref = resolve_checkpoint(load, "--load")
     check_out(out)
     layout = ParallelLayout(tp, pp, num_llm_layers_in_first_stage=num_llm_layers_in_first_stage)
     initialize_distributed(tp, pp)
-    model = build_model(ref.arch, layout, kernels="torch")
+    model = registry.spec_of(ref.arch).build_stage(ref.arch, layout, kernels="torch")
     ckpt.load_model_weights(ref.iter_path, model)
     parent = os.path.dirname(os.path.abspath(out))
     if rank() == 0:
@@ -194,7 +194,7 @@ def reshard(load: str, out: str, *, tp: int = 1, pp: int = 1, num_llm_layers_in_
 # ---- round trip ------------------------------------------------------------------------------------------
 def compare_hf_dirs(src: str, dst: str) -> tuple[int, list[str]]:
     """Compare every tensor of two HF directories: (number compared, list of differences)."""
-    from mllm_mega.models.qwen2_vl.hf_io import HFCheckpointReader
+    from mllm_mega.checkpoint.hf_io import HFCheckpointReader
 
     a, b = HFCheckpointReader(src), HFCheckpointReader(dst)
     try:
@@ -225,7 +225,7 @@ def _run_reshard(load: str, out: str, tp: int, pp: int, first: int | None) -> No
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p)}
     env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp * pp}",
-           "-m", "mllm_mega.models.qwen2_vl.export", "--load", load, "--out", out, "--tp", str(tp), "--pp", str(pp)]
+           "-m", "mllm_mega.checkpoint.export", "--load", load, "--out", out, "--tp", str(tp), "--pp", str(pp)]
     if first is not None:
         cmd += ["--num-llm-layers-in-first-stage", str(first)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -240,8 +240,8 @@ def roundtrip(hf_dir: str, *, tp: int = 1, pp: int = 1, num_llm_layers_in_first_
 
     Returns {"tensors": n, "problems": [...], "dtype": source dtype, "exported": path (kept only with keep)}.
     """
-    from mllm_mega.models.qwen2_vl.convert import import_hf
-    from mllm_mega.models.qwen2_vl.hf_io import HFCheckpointReader
+    from mllm_mega.checkpoint.convert import import_hf
+    from mllm_mega.checkpoint.hf_io import HFCheckpointReader
 
     reader = HFCheckpointReader(hf_dir)  # fail early, before anything is written
     reader.check_keys()
@@ -249,7 +249,7 @@ def roundtrip(hf_dir: str, *, tp: int = 1, pp: int = 1, num_llm_layers_in_first_
     reader.close()
     # the layout must fit the architecture (heads, vocab, layers divisible)
     layout = ParallelLayout(tp, pp, num_llm_layers_in_first_stage=num_llm_layers_in_first_stage)
-    to_transformer_configs(reader.arch, layout)
+    registry.spec_of(reader.arch).check_layout(reader.arch, layout)
     parse_size(max_shard_size)
     if workdir:
         os.makedirs(workdir, exist_ok=True)

@@ -1,4 +1,6 @@
-"""HF import and logits verification for Qwen2(.5)-VL (the logic behind ``tools/convert_checkpoint.py``)."""
+"""HF import and logits verification for every registered family (the logic behind
+``tools/convert_checkpoint.py``): the family comes from the HF config, its key map, stage builder and verify
+inputs from its :class:`~mllm_mega.models.registry.FamilySpec`."""
 from __future__ import annotations
 
 import os
@@ -8,12 +10,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mllm_mega.models.qwen2_vl.configuration import ParallelLayout, arch_from_hf_config
-from mllm_mega.models.qwen2_vl.hf_adapter import hf_to_ours, key_map
-from mllm_mega.models.qwen2_vl.hf_io import HFCheckpointReader
-from mllm_mega.models.qwen2_vl.inputs import CASES, random_inputs
-from mllm_mega.models.qwen2_vl.model import build_model, pack_hf_batch
+from mllm_mega.checkpoint.hf_io import HFCheckpointReader
+from mllm_mega.models import registry
+from mllm_mega.models.layout import ParallelLayout
 from mllm_mega.parallel.initialize import initialize_distributed
+from mllm_mega.parallel.schedule import forward_only
 from mllm_mega.training import checkpointing as ckpt
 
 
@@ -30,11 +31,12 @@ def import_hf(hf_dir: str, out: str, *, progress: bool = True) -> None:
     arch = reader.arch
     src_dtype = reader.dtype()
     initialize_distributed(1, 1)
-    model = build_model(arch, ParallelLayout(), kernels="torch")
+    spec = registry.spec_of(arch)
+    model = spec.build_stage(arch, ParallelLayout(), kernels="torch")
     expected = {k: v.shape for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     state = {}
-    pairs = key_map(arch)
-    it = hf_to_ours(arch, reader.get, expected)
+    pairs = spec.key_map(arch)
+    it = spec.hf_to_ours(arch, reader.get, expected)
     for ours, tensor in tqdm(it, total=len(pairs), desc="import-hf", disable=not progress, unit="tensor"):
         state[ours] = tensor.to(torch.float32)
     missing = sorted(set(expected) - set(state))
@@ -42,7 +44,7 @@ def import_hf(hf_dir: str, out: str, *, progress: bool = True) -> None:
         raise ValueError(f"model parameters with no HF source: {missing}")
     model.load_state_dict(state, strict=True)
     reader.close()
-    from mllm_mega.models.qwen2_vl.checkpoint_io import staged_output
+    from mllm_mega.checkpoint.io import staged_output
 
     with staged_output(out, ".import-") as tmp:
         ckpt.write_meta(tmp, {"hf_config": arch.hf_config, "source_dtype": str(src_dtype).replace("torch.", ""),
@@ -65,27 +67,6 @@ def load_hf_model(hf_dir: str):
     return model.eval()
 
 
-def _pipeline_forward(model, batch, seq_len):
-    """Forward-only through megatron's pipeline schedule; returns logits (T, V/TP) on the last stage."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    def step(data_iterator, m):
-        b = next(data_iterator)
-        out = m(b["input_ids"], b["position_ids"], b["cu_seqlens"], pixel_values=b.get("pixel_values"),
-                image_grid_thw=b.get("image_grid_thw"), pixel_values_videos=b.get("pixel_values_videos"),
-                video_grid_thw=b.get("video_grid_thw"), context_parallel=b.get("context_parallel"))
-
-        def collect(output, non_loss_data=False):
-            return output
-
-        return out, collect
-
-    fb = get_forward_backward_func()
-    outs = fb(forward_step_func=step, data_iterator=iter([batch]), model=[model], num_microbatches=1,
-              seq_length=seq_len, micro_batch_size=1, forward_only=True, collect_non_loss_data=True)
-    return outs[0] if outs else None
-
-
 def verify(hf_dir: str, load: str, *, tp: int = 1, pp: int = 1, inputs_path: str | None = None,
            atol: float = 1e-6, num_llm_layers_in_first_stage: int | None = None,
            kernels: str = "torch", cp: int = 1, check_grads: bool = False) -> tuple[float, float]:
@@ -96,29 +77,30 @@ def verify(hf_dir: str, load: str, *, tp: int = 1, pp: int = 1, inputs_path: str
     from megatron.core import tensor_parallel
 
     meta = ckpt.read_meta(load)
-    arch = arch_from_hf_config(meta["hf_config"])
+    arch = registry.arch_from_hf_config(meta["hf_config"])
+    spec = registry.spec_of(arch)
     layout = ParallelLayout(tp, pp, num_llm_layers_in_first_stage=num_llm_layers_in_first_stage)
     initialize_distributed(tp, pp, context_parallel_size=cp)  # context parallel: world = DP x CP x TP x PP
-    model = build_model(arch, layout, kernels=kernels).eval()
+    model = spec.build_stage(arch, layout, kernels=kernels).eval()
     ckpt.load_model_weights(load, model)
     if inputs_path:
         if not os.path.isfile(inputs_path):
             raise FileNotFoundError(f"--inputs {inputs_path!r} not found")
         cases = {"inputs": torch.load(inputs_path, weights_only=False)}
     else:
-        cases = {c: random_inputs(arch, c) for c in CASES}
+        cases = spec.verify_inputs(arch)
     is_ref_rank = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 \
         and ps.get_context_parallel_rank() == 0
     hf_model = load_hf_model(hf_dir) if is_ref_rank else None
     worst_abs, worst_ref = 0.0, 0.0
     for name, inp in cases.items():
         inp = dict(inp)
-        if "mm_token_type_ids" not in inp:
-            from mllm_mega.models.qwen2_vl.rope_index import mm_token_type_ids
+        if spec.has_vision and "mm_token_type_ids" not in inp:  # transformers builds MRoPE ids only then
+            from mllm_mega.models.positions import mm_token_type_ids
 
             inp["mm_token_type_ids"] = mm_token_type_ids(inp["input_ids"], arch.image_token_id,
                                                          arch.video_token_id)
-        ids, pos, cu, index = pack_hf_batch(
+        ids, pos, cu, index = spec.pack_hf_batch(
             arch, inp["input_ids"], inp.get("attention_mask"), inp.get("image_grid_thw"),
             inp.get("video_grid_thw"), inp.get("second_per_grid_ts"), pad_to_multiple=tp if cp == 1 else 1)
         batch = {"input_ids": ids, "position_ids": pos, "cu_seqlens": cu,
@@ -133,7 +115,7 @@ def verify(hf_dir: str, load: str, *, tp: int = 1, pp: int = 1, inputs_path: str
         # the whole sequence: megatron's get_tensor_shapes divides it by CP and, under SP, by TP itself
         seq = batch["input_ids"].shape[0] * cp
         with torch.no_grad():
-            logits = _pipeline_forward(model, batch, seq)
+            logits = forward_only(model, batch, seq)
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits).float().cpu()
             if cp > 1:  # context parallel: every rank's tokens back in pack order

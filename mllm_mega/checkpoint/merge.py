@@ -21,7 +21,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from mllm_mega.models.qwen2_vl.checkpoint_io import (
+from mllm_mega.checkpoint.io import (
     CheckpointRef, check_out, copy_hf_extra, load_full_state, resolve_checkpoint, save_full_state, staged_output,
 )
 

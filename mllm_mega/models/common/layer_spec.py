@@ -1,4 +1,4 @@
-"""megatron-core layer specs for the Qwen2(.5)-VL towers.
+"""megatron-core layer specs for our towers (Qwen2-VL-style ViTs, Qwen2 / Qwen3 LLMs).
 
 Implementations are swapped by changing a slot here (``kernels``: torch | triton), never inside model code:
 ``core_attention`` (packed varlen attention + fused RoPE) and the norms.
@@ -15,24 +15,15 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from mllm_mega.models.common.attention import TorchPackedAttention, TritonPackedAttention
+from mllm_mega.models.common.kernel_choice import KERNEL_CHOICES, resolve_kernels  # noqa: F401
 from mllm_mega.models.common.norm import TorchLayerNorm, TorchRMSNorm, TritonRMSNorm
 
-KERNEL_CHOICES = ("auto", "torch", "triton")
 
+def layer_spec(*, causal: bool, norm: str, kernels: str = "torch", qk_norm: bool = False) -> ModuleSpec:
+    """A transformer layer: norm -> packed self-attention -> residual -> norm -> MLP -> residual.
 
-def resolve_kernels(kernels: str) -> str:
-    """``auto`` = Triton on CUDA, torch on CPU."""
-    import torch
-
-    if kernels not in KERNEL_CHOICES:
-        raise ValueError(f"kernels={kernels!r}; expected one of {KERNEL_CHOICES}")
-    if kernels == "auto":
-        return "triton" if torch.cuda.is_available() else "torch"
-    return kernels
-
-
-def layer_spec(*, causal: bool, norm: str, kernels: str = "torch") -> ModuleSpec:
-    """A transformer layer: norm -> packed self-attention -> residual -> norm -> MLP -> residual."""
+    ``qk_norm`` (Qwen3): RMSNorm over head_dim of every query and key head, before RoPE, in megatron's
+    ``q_layernorm`` / ``k_layernorm`` slots (the names megatron's finalize_model_grads looks for)."""
     kernels = resolve_kernels(kernels)
     attention = TritonPackedAttention if kernels == "triton" else TorchPackedAttention
     if norm == "rmsnorm":
@@ -41,6 +32,9 @@ def layer_spec(*, causal: bool, norm: str, kernels: str = "torch") -> ModuleSpec
         norm_cls = TorchLayerNorm
     else:
         raise ValueError(f"norm={norm!r}; expected rmsnorm or layernorm")
+    # q/k norms act on whole-sequence activations of local heads (not sequence-split): their TP grad sum comes
+    # from megatron's qk_layernorm rule, not from the sequence-parallel flag
+    qk_norm_spec = ModuleSpec(module=norm_cls, params={"sequence_parallel_grad": False})
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -52,8 +46,8 @@ def layer_spec(*, causal: bool, norm: str, kernels: str = "torch") -> ModuleSpec
                     linear_qkv=ColumnParallelLinear,
                     core_attention=attention,
                     linear_proj=RowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
+                    q_layernorm=qk_norm_spec if qk_norm else IdentityOp,
+                    k_layernorm=qk_norm_spec if qk_norm else IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,

@@ -1,4 +1,4 @@
-"""Reading and writing HF Qwen2(.5)-VL directories (config.json + safetensors, single or sharded)."""
+"""Reading HF model directories of any registered family (config.json + safetensors, single or sharded)."""
 from __future__ import annotations
 
 import json
@@ -7,12 +7,12 @@ from contextlib import ExitStack
 
 import torch
 
-from mllm_mega.models.qwen2_vl.configuration import load_arch
-from mllm_mega.models.qwen2_vl.hf_adapter import key_map, normalize_hf_key
+from mllm_mega.models import registry
 
 
 class HFCheckpointReader:
-    """Lazy access to the tensors of a HF directory by on-disk name (``visual.*``, ``model.*``, ``lm_head``)."""
+    """Lazy access to the tensors of a HF directory by on-disk name (e.g. ``visual.*``, ``model.*``,
+    ``lm_head``; the family's ``normalize_hf_key`` maps in-memory names to those)."""
 
     def __init__(self, hf_dir: str):
         from safetensors import safe_open
@@ -20,7 +20,9 @@ class HFCheckpointReader:
         if not os.path.isdir(hf_dir):
             raise FileNotFoundError(f"--hf-dir {hf_dir!r} is not a directory")
         self.hf_dir = hf_dir
-        self.arch = load_arch(hf_dir)
+        self.arch = registry.load_arch(hf_dir)
+        self.spec = registry.spec_of(self.arch)
+        normalize_hf_key = self.spec.normalize_hf_key
         index = os.path.join(hf_dir, "model.safetensors.index.json")
         single = os.path.join(hf_dir, "model.safetensors")
         if os.path.isfile(index):
@@ -64,7 +66,7 @@ class HFCheckpointReader:
 
     def check_keys(self) -> None:
         """Every tensor the architecture needs is present and no unknown tensor is left over."""
-        needed = {k for _, hf_keys, _ in key_map(self.arch) for k in hf_keys}
+        needed = {k for _, hf_keys, _ in self.spec.key_map(self.arch) for k in hf_keys}
         missing = sorted(needed - set(self._where))
         if missing:
             raise KeyError(f"{self.hf_dir}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
