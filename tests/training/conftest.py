@@ -47,14 +47,16 @@ def train(config: str, *overrides: str, nproc: int = 1, env=None, timeout=600):
 def train_many(tmp: str, runs: dict, nproc: int = 1, env=None, timeout=900) -> dict:
     """Several trainer runs in ONE launch (tests/training/run_many.py: the start-up and imports are paid once).
 
-    ``runs`` maps a name to ``(config, [overrides...])``; they run in this order (a later run may start from an
+    ``runs`` maps a name to ``(config, [overrides...])`` or ``(config, [overrides...], [(src, dst), ...])``
+    (files copied when that run has ended); they run in this order (a later run may start from an
     earlier one's checkpoint). Returns name -> an object with ``returncode``, ``stdout`` and ``stderr`` of that
     run alone (all ranks' output, rank 0 first, as torchrun merges it), like ``train``'s result. A run the launch
     never finished has returncode None and the launch's own output."""
     spec, prefixes = [], {}
-    for name, (config, overrides) in runs.items():
+    for name, (config, overrides, *copies) in runs.items():
         prefixes[name] = os.path.join(tmp, f"log_{name}")
-        spec.append({"argv": ["--config", config, *overrides], "log": prefixes[name]})
+        spec.append({"argv": ["--config", config, *overrides], "log": prefixes[name],
+                     "copy": [list(c) for c in (copies[0] if copies else [])]})
     path = os.path.join(tmp, "runs.json")
     with open(path, "w") as f:
         json.dump(spec, f)

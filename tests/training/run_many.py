@@ -1,7 +1,8 @@
 """Run ``python -m mllm_mega.train`` several times in one process: ``[torchrun ...] run_many.py RUNS.json``.
 
 RUNS.json is a list of runs, each an argument list for ``mllm_mega.train.main`` or an object
-``{"argv": [...], "log": PREFIX}``. Each run is the CLI's own code path (config parsing, megatron's groups and
+``{"argv": [...], "log": PREFIX, "copy": [[SRC, DST], ...]}`` (``copy``: files rank 0 copies once the run
+has ended, e.g. a metrics.jsonl that a later run in the same run_dir will change). Each run is the CLI's own code path (config parsing, megatron's groups and
 seeds, trainer, metrics) — only the interpreter start-up and the imports (~15 s per launch on 2 busy cores) and
 the torch.distributed world are shared: ``main`` tears the world down at its end and a second gloo rendezvous in
 the same process hangs, so that one call is skipped (``initialize_distributed`` keeps an existing world and
@@ -17,6 +18,7 @@ waiting in a collective).
 import contextlib
 import json
 import os
+import shutil
 import sys
 
 import torch.distributed as dist
@@ -55,6 +57,9 @@ if __name__ == "__main__":
         argv, prefix = (run, None) if isinstance(run, list) else (run["argv"], run.get("log"))
         with _redirected(prefix):
             code = main(argv)
+        if os.environ.get("RANK", "0") == "0" and isinstance(run, dict):
+            for src, dst in run.get("copy", []):
+                shutil.copyfile(src, dst)
         if prefix is None:
             if code:
                 sys.exit(code)
