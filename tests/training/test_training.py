@@ -1,11 +1,12 @@
 """Training semantics: layouts agree, micro-batch split invariance, NaN guard, stage freezing."""
+import importlib.util
 import math
 import os
 
 import pytest
 import torch
 
-from tests.conftest import run_cmd
+from tests.conftest import ROOT
 from tests.training.conftest import assert_ok, base_config, metrics, train_many
 
 
@@ -39,7 +40,7 @@ def _run(runs, name):
 
 
 @pytest.mark.parametrize("layout", [("2", "1"), ("1", "2")], ids=["tp2", "pp2"])
-def test_same_loss_at_tp2_and_pp2(runs, tmp_path, layout):
+def test_same_loss_at_tp2_and_pp2(runs, tmp_path, capsys, layout):
     tp, pp = layout
     run_dir, res = _run(runs, "tp2" if tp == "2" else "pp2")
     assert_ok(res)
@@ -53,19 +54,29 @@ def test_same_loss_at_tp2_and_pp2(runs, tmp_path, layout):
         assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-6), (a["grad_norm"], b["grad_norm"])
         assert a["loss_weight_sum"] == b["loss_weight_sum"]
     # the run's checkpoint (model + optimizer, saved at this layout) exports to HF and matches HF's logits
+    # (the tool's CLI, in this process: no interpreter start-up)
+    convert_checkpoint = _tool("convert_checkpoint")
     hf = str(tmp_path / "hf")
-    res = run_cmd(["tools/convert_checkpoint.py", "export-hf", "--load", f"{run_dir}/checkpoints", "--out", hf])
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert convert_checkpoint.main(["export-hf", "--load", f"{run_dir}/checkpoints", "--out", hf]) == 0
     import transformers
 
     model = transformers.AutoModelForImageTextToText.from_pretrained(hf)
     assert model.config.text_config.vocab_size % 64 == 0
     transformers.AutoTokenizer.from_pretrained(hf)
     transformers.AutoImageProcessor.from_pretrained(hf)
-    res = run_cmd(["tools/convert_checkpoint.py", "verify", "--hf-dir", hf, "--load", f"{run_dir}/checkpoints"])
-    assert res.returncode == 0, res.stderr[-3000:]
+    capsys.readouterr()
+    assert convert_checkpoint.main(["verify", "--hf-dir", hf, "--load", f"{run_dir}/checkpoints"]) == 0
+    out = capsys.readouterr().out
     # fp32: measured ~3e-7; a tanh-approximate GELU in the merger gives 3.6e-5
-    assert float(res.stdout.strip().splitlines()[-1].split()[0].split("=")[1]) < 1e-6
+    assert float(out.strip().splitlines()[-1].split()[0].split("=")[1]) < 1e-6, out
+
+
+def _tool(name):
+    """tools/<name>.py as a module (its ``main`` is the CLI)."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_microbatch_split_invariance(runs):
