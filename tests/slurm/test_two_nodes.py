@@ -231,7 +231,7 @@ def _tracker(run_dir):
 def _check_nodes_logged(text):
     assert "[slurm node 0] node1: torchrun --nnodes=2 --nproc_per_node=1 (rendezvous node1:" in text, text[-4000:]
     assert "[slurm node 1] node2: torchrun --nnodes=2 --nproc_per_node=1 (rendezvous node1:" in text, text[-4000:]
-    assert "layout tp=1 pp=1 dp=2" in text, text[-4000:]
+    assert "layout tp=1 pp=1 cp=1 dp=2" in text, text[-4000:]
 
 
 @pytest.fixture(scope="module")

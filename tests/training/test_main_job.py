@@ -16,7 +16,7 @@ def test_train_tiny_script_end_to_end(tmp_path):
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-5000:])
     out = res.stdout
     assert "generating the synthetic dataset" in out
-    assert "layout tp=2 pp=1 dp=1" in out
+    assert "layout tp=2 pp=1 cp=1 dp=1" in out
     assert out.count("[train] iter ") == 2 and "loss: " in out and "-> " in out
     assert out.count("true:") == 2 and out.count("generated:") == 2
     assert os.path.isfile(tmp_path / "run" / "captions.jsonl")

@@ -44,7 +44,7 @@ def test_same_loss_at_tp2_and_pp2(runs, tmp_path, capsys, layout):
     tp, pp = layout
     run_dir, res = _run(runs, "tp2" if tp == "2" else "pp2")
     assert_ok(res)
-    assert f"layout tp={tp} pp={pp} dp=1" in res.stdout
+    assert f"layout tp={tp} pp={pp} cp=1 dp=1" in res.stdout
     ref, got = metrics(runs["dirs"]["initial"]), metrics(run_dir)
     assert len(got) == 3
     for a, b in zip(ref, got):
