@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from mllm_mega.data.samples import _image_fields
+from mllm_mega.data.samples import image_fields
 from mllm_mega.data.shards import RawSample, iter_shard, list_shards, write_shard
 from mllm_mega.data.text import conversation_messages
 from mllm_mega.data.vision import BadSample, inspect_image
@@ -152,7 +152,7 @@ def rule_reason(raw: RawSample, cfg: FilterConfig) -> tuple[str | None, str, lis
     """(drop reason or None, the sample's text, its images) from the rules that need no other sample."""
     text = sample_text(raw.fields)
     try:
-        images, _ = _image_fields(raw.fields)
+        images, _ = image_fields(raw.fields)
     except BadSample:
         return "unreadable_sample", text or "", []
     if text is None or (not text and not images):

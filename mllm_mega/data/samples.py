@@ -97,7 +97,12 @@ class SampleSpec:
         return len(self.media)
 
 
-def _image_fields(fields: dict[str, bytes]):
+def image_fields(fields: dict[str, bytes]):
+    """A sample's media: ``(images, videos)``, images as encoded bytes in field order, each video as its
+    file's bytes or its list of encoded frames in frame order.
+
+    Raises :class:`BadSample` (``image_unreadable``) for an image field of an unsupported format.
+    """
     images, videos = [], {}
     for name, data in fields.items():
         m = _IMAGE_FIELD.match(name)
@@ -179,7 +184,7 @@ def _fps_list(meta: dict, num_videos: int, default: float) -> list[float]:
 def parse_sample(raw: RawSample, text: TextProcessor, cfg: DataConfig, epoch: int = 0) -> SampleSpec:
     """Validate and tokenize ``raw`` (no decoding); raises BadSample naming the skip reason."""
     fields = raw.fields
-    image_data, video_frames = _image_fields(fields)
+    image_data, video_frames = image_fields(fields)
     meta = None
     if "json" in fields:
         try:
