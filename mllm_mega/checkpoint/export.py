@@ -124,6 +124,8 @@ def write_hf_dir(out_dir: str, arch, state: dict[str, torch.Tensor], *, dtype: t
                              progress=progress)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump((spec.export_hf_config or _export_config)(arch.hf_config, dtype), f, indent=2)
+    for path in (spec.hf_code_files(arch) if spec.hf_code_files else []):  # remote code named by auto_map
+        shutil.copyfile(path, os.path.join(out_dir, os.path.basename(path)))
     extra = os.path.join(extra_from, "hf_extra") if extra_from else None
     if extra and os.path.isdir(extra):
         for name in sorted(os.listdir(extra)):
