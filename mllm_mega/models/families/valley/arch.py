@@ -135,22 +135,37 @@ def verify_inputs(arch: ValleyArch) -> dict:
 
 def tiny_config(*, position_mode: str = "mrope", tie_word_embeddings: bool = False, **text_overrides) -> dict:
     """A tiny Valley config.json dict (``tiny.tiny_valley_config``); ``text_overrides`` replace text_config
-    keys (e.g. ``num_hidden_layers``)."""
+    keys (e.g. ``num_hidden_layers``; a new ``hidden_size`` is also the merger's output width)."""
     from mllm_mega.models.families.valley.compose import AUTO_MAP
     from mllm_mega.models.families.valley.tiny import tiny_valley_config
 
     cfg = tiny_valley_config(position_mode=position_mode, tie_word_embeddings=tie_word_embeddings).to_dict()
     cfg["text_config"].update(text_overrides)
+    if "hidden_size" in text_overrides:
+        cfg["vision_config"]["hidden_size"] = text_overrides["hidden_size"]
     cfg["architectures"] = [ARCHITECTURE]
     cfg["auto_map"] = dict(AUTO_MAP)
     cfg.pop("_attn_implementation_autoset", None)
     return cfg
 
 
-def build_tiny_hf_model(seed: int = 0, **kwargs):
-    from mllm_mega.models.families.valley.tiny import build_tiny_valley
+def build_tiny_hf_model(seed: int = 0, *, vision_overrides: dict | None = None, **kwargs):
+    """A random ``ValleyForConditionalGeneration`` of :func:`tiny_config` (norms and biases randomised) whose
+    ``save_pretrained`` writes the remote code and ``auto_map`` (so the directory loads with
+    trust_remote_code, like a composed one)."""
+    from mllm_mega.models.families.valley.hf.configuration_valley import ValleyConfig
+    from mllm_mega.models.families.valley.hf.modeling_valley import ValleyForConditionalGeneration
+    from mllm_mega.models.families.valley.tiny import _randomise_norms
 
-    return build_tiny_valley(seed=seed, **kwargs)
+    cfg = tiny_config(**kwargs)
+    cfg["vision_config"].update(vision_overrides or {})
+    config = ValleyConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "auto_map", "model_type")})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = _randomise_norms(ValleyForConditionalGeneration(config).eval(), seed)
+    config.register_for_auto_class()
+    model.register_for_auto_class("AutoModelForImageTextToText")
+    return model
 
 
 def hf_code_files(arch=None) -> list[str]:
