@@ -9,6 +9,7 @@ GQA 4/2, MRoPE section [4, 3, 3]). One torchrun launch runs every parallel layou
 """
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -36,7 +37,12 @@ def valley_dirs(tmp_path_factory):
     out = {}
     for mode in ("mrope", "1d"):
         base = tmp_path_factory.mktemp(f"valley_{mode}")
-        write_tiny_valley_dir(str(base / "hf"), seed=5, position_mode=mode)
+        if mode == "mrope":
+            write_tiny_valley_dir(str(base / "hf"), seed=5, position_mode=mode)
+        else:  # the same weights with 1-D positions (what compose_model --position-mode 1d writes)
+            shutil.copytree(out["mrope"][0], base / "hf")
+            cfg = json.loads((base / "hf" / "config.json").read_text())
+            (base / "hf" / "config.json").write_text(json.dumps({**cfg, "position_mode": "1d"}))
         import_hf(str(base / "hf"), str(base / "ckpt"), progress=False)
         out[mode] = (str(base / "hf"), str(base / "ckpt"))
     return out
@@ -52,6 +58,17 @@ def test_valley_is_registered_and_parsed(valley_dirs):
         assert arch.vision.norm == "layernorm" and not arch.vision.gated_mlp and arch.vision.window_size is None
         assert arch.text.mrope_section == ([4, 3, 3] if mode == "mrope" else [10, 0, 0])
     assert registry.family_of_hf_config({"model_type": "valley"}).name == "valley"
+    # the data pipeline's positions (training packs, captioning eval): 1-D = HF's attention_mask.cumsum - 1,
+    # i.e. 0..n-1 over every token of a sample, placeholders included; MRoPE = the default rule (no override)
+    spec = registry.get("valley")
+    one_d, mrope = (registry.load_arch(valley_dirs[m][0]) for m in ("1d", "mrope"))
+    types = torch.tensor([0, 0, 1, 1, 1, 1, 0, 0])
+    expected = (torch.ones(1, 8, dtype=torch.long).cumsum(-1) - 1).expand(3, -1)
+    for options in (spec.loader_options(one_d), spec.eval_options(one_d)):
+        pos = options["position_ids_fn"](types, [(1, 4, 4)], spatial_merge_size=2)
+        assert torch.equal(pos, expected)
+    assert "position_ids_fn" not in spec.loader_options(mrope) and "position_ids_fn" not in spec.eval_options(mrope)
+    assert spec.loader_options(mrope)["tokens_per_second"] is None  # Qwen2-VL video positions: interval 1
 
 
 def test_valley_verify_tp_pp(valley_dirs, tmp_path):

@@ -1,6 +1,7 @@
 """Valley2.5 family in training: ``tools/compose_model.py`` output (tiny Qwen2-VL + tiny Qwen3 sources) imported
 and trained a few steps at TP2 + SP, and the tiny config examples/configs/tiny_valley.yaml run by the main
-training job (``python -m mllm_mega.train --config``) on the shapes data — both in one launch (run_many.py)."""
+training job (``python -m mllm_mega.train --config``) on the shapes data with 1-D positions — both in one launch
+(run_many.py)."""
 import importlib.util
 import json
 import math
@@ -37,9 +38,10 @@ def test_composed_model_and_tiny_valley_config_train(shapes, tmp_path):
         ["--config", os.path.join(ROOT, "examples/configs/tiny_valley.yaml"), *common,
          f"run_dir={tmp_path / 'run_composed'}", f"model.init_from={ckpt}", f"data.tokenizer_dir={composed}",
          "optimizer.warmup_steps=1"],
-        # the tiny config as the main job runs it, on the shapes tokenizer
+        # the tiny config as the main job runs it, on the shapes tokenizer, with 1-D LLM positions
         ["--config", os.path.join(ROOT, "examples/configs/tiny_valley.yaml"), *common,
-         f"run_dir={tmp_path / 'run_tiny'}", f"data.tokenizer_dir={shapes}/tokenizer"],
+         f"run_dir={tmp_path / 'run_tiny'}", f"data.tokenizer_dir={shapes}/tokenizer",
+         "model.tiny_overrides={position_mode: 1d}"],
     ]
     runs_file = tmp_path / "runs.json"
     runs_file.write_text(json.dumps(runs))
@@ -50,6 +52,7 @@ def test_composed_model_and_tiny_valley_config_train(shapes, tmp_path):
         assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows), (name, rows)
         resolved = open(tmp_path / name / "config.yaml").read()
         assert "valley" in resolved
+    assert "position_mode: 1d" in open(tmp_path / "run_tiny" / "config.yaml").read()
     # the composed run kept its architecture: the checkpoint root's meta names the Valley class
     meta = json.load(open(tmp_path / "run_composed" / "checkpoints" / "mllm_mega.json"))
     assert meta["hf_config"]["architectures"] == ["ValleyForConditionalGeneration"]
