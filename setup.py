@@ -1,4 +1,4 @@
-"""Build for mllm_mega: one path for the Python packages and the C++ (pybind11) packer.
+"""Build for mllm_mega: one path for the Python packages and the C++ (pybind11) extensions (packer, patchify).
 
 ``kernels/`` is installed as ``mllm_mega.kernels`` (never a top-level ``kernels`` module).
 """
@@ -9,6 +9,12 @@ ext_modules = [
     Pybind11Extension(
         "mllm_mega._packer",
         ["csrc/packer.cpp"],
+        cxx_std=17,
+        extra_compile_args=["-O3"],
+    ),
+    Pybind11Extension(
+        "mllm_mega._patchify",
+        ["csrc/patchify.cpp"],
         cxx_std=17,
         extra_compile_args=["-O3"],
     ),

@@ -79,7 +79,7 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """Tensor / pipeline / data parallel layout (DP = world size / (TP * PP))."""
+    """Tensor / pipeline / context / data parallel layout (DP = world size / (TP * PP * CP))."""
 
     tp: int = 1
     """Tensor-parallel size (LLM and ViT weights split; sequence parallel in the LLM)."""
@@ -89,6 +89,9 @@ class ParallelConfig:
     """Megatron sequence parallelism in the LLM when tp > 1."""
     num_llm_layers_in_first_stage: int | None = None
     """LLM layers on the first stage (which also runs the ViT); None = even split."""
+    cp: int = 1
+    """Context-parallel size: each packed sample split into 2*cp chunks, rank r holding chunks r and 2cp-1-r
+    (load-balanced causal attention over all-gathered K/V); media split over the CP ranks for the ViT."""
     distributed_optimizer: bool = True
     """Shard optimizer state and fp32 master weights over data-parallel ranks (ZeRO-1)."""
     overlap_grad_reduce: bool = False
@@ -100,7 +103,7 @@ class ParallelConfig:
     """Parameters per gradient/parameter bucket when overlapping; None = megatron's max(40M, 1M x DP)."""
 
     def __post_init__(self):
-        _positive("parallel", self, "tp", "pp")
+        _positive("parallel", self, "tp", "pp", "cp")
         if self.overlap_param_gather and not (self.distributed_optimizer and self.overlap_grad_reduce):
             raise ValueError("parallel.overlap_param_gather needs parallel.distributed_optimizer and "
                              "parallel.overlap_grad_reduce")

@@ -141,7 +141,8 @@ def main(argv=None) -> int:
 
     code, lock = 0, None
     try:
-        initialize_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.seed)  # a bad layout: exit 2
+        initialize_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.seed,  # a bad layout: exit 2
+                               context_parallel_size=cfg.parallel.cp)  # context parallel
         ensure_synthetic_dataset(cfg)
         lock = startup(cfg)
         trainer = Trainer(cfg)

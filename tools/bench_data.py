@@ -9,11 +9,16 @@ Backends (the pipeline of mllm_mega/data/loader.py, without tokenization/packing
   dali-cpu-resize DALI CPU decode + distortion + DALI cubic resize, numpy
   dali-gpu        DALI mixed decode (nvJPEG) + distortion + resize on the GPU, numpy (only with CUDA)
   hf-pil          baseline: PIL decode + transformers' Qwen2VLImageProcessorPil (no JPEG augmentation)
-  hf-torchvision  baseline: PIL decode + transformers' torchvision Qwen2VLImageProcessor (when torchvision loads)
+  hf-torchvision  baseline: PIL decode + transformers' torchvision Qwen2VLImageProcessor (when torchvision loads;
+                  --torchvision-path DIR loads an unzipped wheel from DIR, a benchmark-only workaround)
 With --jpeg-prob 0 the summary also gives each of our backends' speed as a multiple of each baseline's
 (the same decode + resize + normalize + patchify work on the same images).
 Input: ImageNet-size synthetic photos (smooth gradients, texture, shapes) as quality-90 baseline JPEGs,
 generated in memory. Prints one line per backend and a JSON summary as the last line.
+
+With --compare-hf ROUNDS it instead times the same work on both sides, interleaved (compare_with_hf):
+    OMP_NUM_THREADS=1 python tools/bench_data.py --threads 1 --num-images 64 --compare-hf 15 \\
+        --torchvision-path /tmp/tv   # pip download torchvision --no-deps; unzip the wheel into /tmp/tv
 
 With --loader N it also times the whole training loader (read, tokenize, pack, decode, patchify, collate)
 over a synthetic shapes dataset of N samples (56-112 px images) written to a temporary directory.
@@ -76,6 +81,26 @@ def bench_dali(decoder, jpegs, qualities, targets, threads, resized):
         return list(pool.map(finish, zip(images, targets)))
 
 
+def use_side_torchvision(path):
+    """Benchmark-only workaround: import torchvision's Python transforms from ``path`` (an unzipped wheel kept out
+    of the environment) with its operator meta registrations stubbed out. The PyPI torchvision is a CUDA build
+    whose C ops do not load with the CPU torch; the transforms the Qwen2-VL torchvision processor uses
+    (resize, normalize, reshape) are plain torch ops and work without them. Must run before transformers is
+    imported (it caches whether torchvision is importable)."""
+    import sys
+    import types
+
+    if not os.path.isdir(os.path.join(path, "torchvision")):
+        raise SystemExit(f"error: --torchvision-path {path!r} has no torchvision/ package (unzip the wheel there)")
+    if "transformers" in sys.modules:
+        raise RuntimeError("--torchvision-path must take effect before transformers is imported")
+    sys.path.insert(0, path)
+    sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+    import torchvision  # noqa: F401
+
+    return torchvision.__version__
+
+
 def hf_processors(max_pixels):
     """The transformers baselines that load here: {name: processor}."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -98,6 +123,82 @@ def bench_hf(processor, jpegs, threads):
 
     with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(one, jpegs))
+
+
+def hf_decode(data):
+    """What transformers' load_image does with encoded bytes: PIL open, EXIF transpose, convert to RGB."""
+    from PIL import ImageOps
+
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+
+
+def compare_with_hf(jpegs, targets, processors, rounds, dali_decoder=None):
+    """Per-image CPU cost of the same work, ours vs transformers', on the same images, interleaved.
+
+    Two comparisons, each with the same input on both sides and ``pixel_values`` (float32 numpy) as output:
+      from decoded: an (H, W, 3) uint8 RGB array -> smart_resize + bicubic resize + rescale/normalize + patchify
+      from JPEG:    the encoded bytes -> decode (PIL for transformers, as its load_image does; ours: PIL and DALI
+                    CPU) -> the same
+    Every round times one pass over all images for every column, the column order rotating each round, so
+    background load falls on all columns alike; per-round ratios give the spread. The time is the process's CPU
+    time (time.process_time: every thread, DALI's included), the cost the issue asks about, which other jobs on a
+    shared machine disturb far less than wall time (they still share caches and memory bandwidth).
+    """
+    decoded = [V.decode_image_pil(j) for j in jpegs]
+    ref = V.image_to_patches(V.resize_pil(decoded[0], *targets[0]))[0]
+    for name, p in processors.items():  # the same output: equal to the PIL processor's, same shape as torchvision's
+        got = p(images=[decoded[0]], return_tensors="np")["pixel_values"]
+        if got.shape != ref.shape or (name == "hf-pil" and not np.array_equal(got, ref)):
+            raise RuntimeError(f"{name} computes different pixel_values than ours: not the same work")
+
+    def ours_from_array():
+        for img, (h, w) in zip(decoded, targets):
+            V.image_to_patches(V.resize_pil(img, h, w))
+
+    def ours_from_jpeg_pil():
+        for data, (h, w) in zip(jpegs, targets):
+            V.image_to_patches(V.resize_pil(V.decode_image_pil(data), h, w))
+
+    def ours_from_jpeg_dali():
+        for img, (h, w) in zip(dali_decoder.decode(jpegs), targets):
+            V.image_to_patches(V.resize_pil(img, h, w))
+
+    def hf_from_array(p):
+        return lambda: [p(images=[img], return_tensors="np") for img in decoded]
+
+    def hf_from_jpeg(p):
+        return lambda: [p(images=[hf_decode(data)], return_tensors="np") for data in jpegs]
+
+    columns = {"decoded/ours": ours_from_array}
+    columns.update({f"decoded/{name}": hf_from_array(p) for name, p in processors.items()})
+    columns["jpeg/ours-pil-decode"] = ours_from_jpeg_pil
+    if dali_decoder is not None:
+        columns["jpeg/ours-dali-decode"] = ours_from_jpeg_dali
+    columns.update({f"jpeg/{name}": hf_from_jpeg(p) for name, p in processors.items()})
+    names = list(columns)
+    for fn in columns.values():  # warm-up (DALI pipeline build, torch first-call overheads)
+        fn()
+    ms = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t = time.process_time()
+            columns[name]()
+            ms[name].append((time.process_time() - t) * 1e3 / len(jpegs))
+    out = {"ms_per_image": {}, "speed_vs_hf": {}}
+    for name, v in ms.items():
+        out["ms_per_image"][name] = {"median": round(float(np.median(v)), 3), "min": round(min(v), 3),
+                                     "max": round(max(v), 3)}
+        print(f"{name:28s} {np.median(v):7.2f} CPU ms/image  (min {min(v):.2f}, max {max(v):.2f}, {rounds} rounds)")
+    for group in ("decoded", "jpeg"):
+        for ours in (n for n in names if n.startswith(f"{group}/ours")):
+            for base in (n for n in names if n.startswith(f"{group}/hf-")):
+                per_round = [b / o for o, b in zip(ms[ours], ms[base])]  # > 1: ours is faster
+                key = f"{ours} vs {base}"
+                out["speed_vs_hf"][key] = {"median": round(float(np.median(per_round)), 2),
+                                           "min": round(min(per_round), 2), "max": round(max(per_round), 2)}
+                print(f"speed {key}: {np.median(per_round):.2f}x (per-round {min(per_round):.2f}-{max(per_round):.2f})")
+    return out
 
 
 def bench_loader(num_samples, seq_len, threads):
@@ -149,11 +250,33 @@ def main(argv=None):
     parser.add_argument("--loader", type=int, default=0, metavar="N",
                         help="also time the full loader over N synthetic samples")
     parser.add_argument("--seq-len", type=int, default=4096, help="pack length for --loader")
+    parser.add_argument("--compare-hf", type=int, default=0, metavar="ROUNDS",
+                        help="instead of the backend table: per-image cost of the same work (decoded image or JPEG "
+                             "-> pixel_values, no augmentation) against transformers' processors, ROUNDS interleaved "
+                             "rounds (see compare_with_hf)")
+    parser.add_argument("--torchvision-path", default=None, metavar="DIR",
+                        help="benchmark-only: import torchvision from DIR (an unzipped wheel, not installed) with its "
+                             "meta registrations stubbed, for the hf-torchvision baseline (see use_side_torchvision)")
     args = parser.parse_args(argv)
+    tv_version = use_side_torchvision(args.torchvision_path) if args.torchvision_path else None
+    import torch
+
+    torch.set_num_threads(args.threads)  # the torchvision processor's torch ops; PIL and our numpy are 1-thread
 
     jpegs = make_jpegs(args.num_images, *args.size)
     qualities = [V.jpeg_quality_for(0, 0, f"img{i}", 0, args.jpeg_prob, (75, 100)) for i in range(len(jpegs))]
     targets = [V.smart_resize(*V.probe_image(j), max_pixels=args.max_pixels) for j in jpegs]
+    if args.compare_hf:
+        dali = DaliDecoder("cpu", num_threads=args.threads, max_batch=args.batch) if HAVE_DALI else None
+        summary = compare_with_hf(jpegs, targets, hf_processors(args.max_pixels), args.compare_hf, dali)
+        summary.update({"num_images": len(jpegs), "size": list(args.size), "threads": args.threads,
+                        "torch_threads": torch.get_num_threads(), "torchvision": tv_version,
+                        "mean_jpeg_bytes": int(np.mean([len(j) for j in jpegs])), "max_pixels": args.max_pixels,
+                        "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+                        "load_average": [round(x, 2) for x in os.getloadavg()]})
+        print(json.dumps(summary))
+        return
+
     runs = {"pil": lambda: bench_pil(jpegs, qualities, targets, args.threads)}
     if HAVE_DALI:
         dec = DaliDecoder("cpu", num_threads=args.threads, max_batch=args.batch)

@@ -33,7 +33,8 @@ LIMITS = {"imports": 60, "pytest_gpu": 120, "bench_kernels": 90, "bench_data": 4
           "train_triton": 90, "train_torch": 90}
 DRY_LIMITS = {"imports": 60, "pytest_gpu": 10, "bench_kernels": 120, "bench_data": 60, "dataset": 60,
               "train_triton": 180, "train_torch": 120}
-MODULES = ("torch", "triton", "nvidia.dali", "megatron.core", "transformers", "mllm_mega._packer")
+MODULES = ("torch", "triton", "nvidia.dali", "megatron.core", "transformers", "mllm_mega._packer",
+           "mllm_mega._patchify")
 # What an offline GPU machine must be given (pip download on a networked machine with the same Python and
 # CUDA major version, e.g. `pip download -d wheels torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130`).
 WHEELS = ("torch (a CUDA build)", "triton", "nvidia-dali-cuda130", "megatron-core==0.16.1", "transformers>=5.0",

@@ -76,8 +76,10 @@ def load_hf_model(hf_dir: str):
 
 def verify(hf_dir: str, load: str, *, tp: int = 1, pp: int = 1, inputs_path: str | None = None,
            atol: float = 1e-6, num_llm_layers_in_first_stage: int | None = None,
-           kernels: str = "torch") -> tuple[float, float]:
-    """Run HF and our model (loaded from ``load`` at TP/PP) on the same inputs; returns (max_abs, rel)."""
+           kernels: str = "torch", cp: int = 1, check_grads: bool = False) -> tuple[float, float]:
+    """Run HF and our model (loaded from ``load`` at TP/PP/CP) on the same inputs; returns (max_abs, rel).
+
+    ``check_grads`` (CP > 1): also compare every parameter gradient at CP with CP=1's (context_check.py)."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -85,7 +87,7 @@ def verify(hf_dir: str, load: str, *, tp: int = 1, pp: int = 1, inputs_path: str
     arch = registry.arch_from_hf_config(meta["hf_config"])
     spec = registry.spec_of(arch)
     layout = ParallelLayout(tp, pp, num_llm_layers_in_first_stage=num_llm_layers_in_first_stage)
-    initialize_distributed(tp, pp)
+    initialize_distributed(tp, pp, context_parallel_size=cp)  # context parallel: world = DP x CP x TP x PP
     model = spec.build_stage(arch, layout, kernels=kernels).eval()
     ckpt.load_model_weights(load, model)
     if inputs_path:
@@ -94,7 +96,8 @@ def verify(hf_dir: str, load: str, *, tp: int = 1, pp: int = 1, inputs_path: str
         cases = {"inputs": torch.load(inputs_path, weights_only=False)}
     else:
         cases = spec.verify_inputs(arch)
-    is_ref_rank = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+    is_ref_rank = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 \
+        and ps.get_context_parallel_rank() == 0
     hf_model = load_hf_model(hf_dir) if is_ref_rank else None
     worst_abs, worst_ref = 0.0, 0.0
     for name, inp in cases.items():
@@ -106,17 +109,26 @@ def verify(hf_dir: str, load: str, *, tp: int = 1, pp: int = 1, inputs_path: str
                                                          arch.video_token_id)
         ids, pos, cu, index = spec.pack_hf_batch(
             arch, inp["input_ids"], inp.get("attention_mask"), inp.get("image_grid_thw"),
-            inp.get("video_grid_thw"), inp.get("second_per_grid_ts"), pad_to_multiple=tp)
+            inp.get("video_grid_thw"), inp.get("second_per_grid_ts"), pad_to_multiple=tp if cp == 1 else 1)
         batch = {"input_ids": ids, "position_ids": pos, "cu_seqlens": cu,
                  **{k: inp[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos",
                                         "video_grid_thw") if k in inp}}
+        if cp > 1:  # context parallel: this rank's slice (the trailing padding comes from the split)
+            from mllm_mega.parallel.context_check import shard_for_rank
+
+            batch = shard_for_rank(batch, arch, model.config)
         if torch.cuda.is_available():
             batch = {k: v.cuda() for k, v in batch.items()}
-        seq = ids.shape[0] // tp if model.config.sequence_parallel else ids.shape[0]
+        # the whole sequence: megatron's get_tensor_shapes divides it by CP and, under SP, by TP itself
+        seq = batch["input_ids"].shape[0] * cp
         with torch.no_grad():
             logits = forward_only(model, batch, seq)
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits).float().cpu()
+            if cp > 1:  # context parallel: every rank's tokens back in pack order
+                from mllm_mega.parallel.context_check import gather_logits
+
+                logits = gather_logits(logits, batch["context_parallel"], ids.shape[0])
         if is_ref_rank:
             with torch.no_grad():
                 ref = hf_model(**inp).logits.float()
@@ -129,4 +141,8 @@ def verify(hf_dir: str, load: str, *, tp: int = 1, pp: int = 1, inputs_path: str
     if dist.is_initialized():
         dist.all_reduce(result, op=dist.ReduceOp.MAX)
     max_abs, max_ref = result.tolist()
+    if check_grads:  # context parallel: gradients at CP equal CP=1's
+        from mllm_mega.parallel.context_check import compare_cp_grads
+
+        compare_cp_grads(load, arch, cases, tp=tp, cp=cp, kernels=kernels)
     return max_abs, max_abs / max(max_ref, 1e-30)

@@ -27,6 +27,11 @@ from PIL import Image, ImageOps
 
 from mllm_mega.data.shards import stable_hash
 
+try:  # csrc/patchify.cpp: the one-pass image_to_patches; the numpy path below is its specification
+    from mllm_mega import _patchify
+except ImportError:  # an environment built before the extension existed: rebuild (tools/setup_env.sh)
+    _patchify = None
+
 PATCH_SIZE = 14
 MERGE_SIZE = 2
 TEMPORAL_PATCH_SIZE = 2
@@ -242,6 +247,10 @@ def normalize(frames: np.ndarray) -> np.ndarray:
 # Every uint8 value of every channel, normalized with the processor's exact arithmetic (normalize above): a
 # lookup gives bit-identical values in one gather, instead of float64/float32 passes over the whole image.
 _NORMALIZED = normalize(np.arange(256, dtype=np.uint8)[:, None].repeat(3, axis=1))  # (256, 3) float32
+# one contiguous table per channel: np.take through a contiguous table, into a contiguous buffer, with no index
+# check (a uint8 index is always in range), is about 3x faster than fancy indexing a strided column
+_CHANNEL_TABLES = [np.ascontiguousarray(_NORMALIZED[:, c]) for c in range(3)]
+_TABLES = np.ascontiguousarray(_NORMALIZED.T)  # (3, 256) for the C++ path
 
 
 def patchify(frames: np.ndarray, merge_size: int = MERGE_SIZE) -> tuple[np.ndarray, tuple[int, int, int]]:
@@ -267,8 +276,9 @@ def _lookup(rows: np.ndarray, frames_per_row: int) -> np.ndarray:
     n, k = rows.shape[0], rows.shape[1] // 3
     grouped = rows.reshape(n, 3, k)
     out = np.empty((n, 3, frames_per_row, k), np.float32)
+    values = np.empty((n, k), np.float32)  # contiguous: np.take into a strided ``out`` view is buffered and slow
     for c in range(3):
-        values = _NORMALIZED[:, c][grouped[:, c]]  # (N, k): one gather through the channel's table
+        np.take(_CHANNEL_TABLES[c], grouped[:, c], out=values, mode="clip")  # one gather through the table
         for f in range(frames_per_row):
             out[:, c, f] = values
     return out.reshape(n, -1)
@@ -277,9 +287,22 @@ def _lookup(rows: np.ndarray, frames_per_row: int) -> np.ndarray:
 def image_to_patches(resized: np.ndarray, merge_size: int = MERGE_SIZE):
     """One resized uint8 (H, W, 3) image -> ``pixel_values`` rows and its (1, h, w) grid.
 
-    Bit-identical to ``patchify(normalize(two copies of the image))`` (tests/data/test_vision.py), about twice
-    as fast: the bytes of one frame are rearranged, then each goes through the lookup table into both frames.
+    Bit-identical to ``patchify(normalize(two copies of the image))`` (tests/data/test_vision.py): each byte goes
+    through the lookup table into both frames. The C++ extension does it in one pass (about 4x faster than
+    :func:`image_to_patches_numpy`, the same values).
     """
+    height, width, channels = resized.shape
+    if height % (PATCH_SIZE * merge_size) or width % (PATCH_SIZE * merge_size):
+        raise ValueError(f"image of shape {resized.shape} is not divisible into patches")
+    if _patchify is None or resized.dtype != np.uint8 or channels != 3:
+        return image_to_patches_numpy(resized, merge_size)
+    rows = _patchify.image_to_patches(np.ascontiguousarray(resized), _TABLES, PATCH_SIZE, merge_size,
+                                      TEMPORAL_PATCH_SIZE)
+    return rows, (1, height // PATCH_SIZE, width // PATCH_SIZE)
+
+
+def image_to_patches_numpy(resized: np.ndarray, merge_size: int = MERGE_SIZE):
+    """:func:`image_to_patches` in numpy: the bytes of one frame are rearranged, then looked up into both."""
     height, width, channels = resized.shape
     if height % (PATCH_SIZE * merge_size) or width % (PATCH_SIZE * merge_size):
         raise ValueError(f"image of shape {resized.shape} is not divisible into patches")

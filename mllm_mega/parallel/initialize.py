@@ -17,7 +17,8 @@ def _free_port() -> int:
 
 
 def initialize_distributed(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                           seed: int = 1234, num_llm_layers_in_first_stage: int | None = None) -> None:
+                           seed: int = 1234, num_llm_layers_in_first_stage: int | None = None,
+                           context_parallel_size: int = 1) -> None:
     """Initialise torch.distributed (from torchrun's env, or as a single process) and megatron's groups.
 
     Re-initialises megatron's groups if called again with another layout in the same process.
@@ -38,16 +39,18 @@ def initialize_distributed(tensor_model_parallel_size: int = 1, pipeline_model_p
             dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
                                     rank=0, world_size=1)
     world = dist.get_world_size()
-    if world % (tensor_model_parallel_size * pipeline_model_parallel_size):
+    cp = context_parallel_size  # context parallel: world = DP x CP x TP x PP
+    if cp < 1 or world % (tensor_model_parallel_size * pipeline_model_parallel_size * cp):
         raise ValueError(
             f"world size {world} is not divisible by TP={tensor_model_parallel_size} x "
-            f"PP={pipeline_model_parallel_size}"
+            f"PP={pipeline_model_parallel_size}" + (f" x CP={cp}" if cp != 1 else "")
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
+        context_parallel_size=cp,
     )
     set_seed(seed)
 

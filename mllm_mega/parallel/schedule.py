@@ -10,7 +10,7 @@ def forward_only(model, batch, seq_len):
         b = next(data_iterator)
         out = m(b["input_ids"], b["position_ids"], b["cu_seqlens"], pixel_values=b.get("pixel_values"),
                 image_grid_thw=b.get("image_grid_thw"), pixel_values_videos=b.get("pixel_values_videos"),
-                video_grid_thw=b.get("video_grid_thw"))
+                video_grid_thw=b.get("video_grid_thw"), context_parallel=b.get("context_parallel"))
 
         def collect(output, non_loss_data=False):
             return output

@@ -50,7 +50,7 @@ def _to_device(batch: dict) -> dict:
 
 
 def train_step(ddp_model, optimizer, microbatches: list[dict], *, kernels: str, dp_group, inject_nan: bool = False,
-               inject_nan_grad: bool = False):
+               inject_nan_grad: bool = False, arch=None):
     """Forward/backward over ``microbatches`` (this DP rank's share) and, unless NaN/Inf, the optimizer step.
 
     Returns a dict: loss (global weighted mean, on every rank), weight_sum (global), grad_norm, skipped (bool).
@@ -58,20 +58,28 @@ def train_step(ddp_model, optimizer, microbatches: list[dict], *, kernels: str, 
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    config = ddp_model.config
+    if ps.get_context_parallel_world_size() > 1:  # context parallel: this rank's slice of every micro-batch
+        from mllm_mega.parallel.context import cp_group_and_rank, media_kwargs, shard_microbatches
+
+        group, rank, size = cp_group_and_rank()
+        microbatches = shard_microbatches(
+            microbatches, size, rank, group,
+            multiple=config.tensor_model_parallel_size if config.sequence_parallel else 1, **media_kwargs(arch))
     local_w = sum(float(mb["loss_weights"].double().sum()) for mb in microbatches)
     denom = torch.tensor([local_w], dtype=torch.float64)
     dist.all_reduce(denom, group=dp_group)
     w_global = float(denom)
     scale = 1.0 / w_global if w_global > 0 else 0.0
     tp_group = ps.get_tensor_model_parallel_group()
-    config = ddp_model.config
     tp = config.tensor_model_parallel_size
 
     def forward_step(data_iterator, model):
         mb = _to_device(next(data_iterator))
         logits = model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"], max_seqlen=mb["max_seqlen"],
                        pixel_values=mb.get("pixel_values"), image_grid_thw=mb.get("image_grid_thw"),
-                       pixel_values_videos=mb.get("pixel_values_videos"), video_grid_thw=mb.get("video_grid_thw"))
+                       pixel_values_videos=mb.get("pixel_values_videos"), video_grid_thw=mb.get("video_grid_thw"),
+                       context_parallel=mb.get("context_parallel"))
 
         def loss_func(output):
             s = weighted_loss_sum(output, mb["labels"], mb["loss_weights"], kernels=kernels,
@@ -84,9 +92,8 @@ def train_step(ddp_model, optimizer, microbatches: list[dict], *, kernels: str, 
 
         return logits, loss_func
 
-    seq = microbatches[0]["input_ids"].shape[0]
-    if config.sequence_parallel:
-        seq //= tp
+    # the whole sequence: megatron's get_tensor_shapes divides the p2p length by CP and, under SP, by TP itself
+    seq = microbatches[0]["input_ids"].shape[0] * ps.get_context_parallel_world_size()
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
     losses = get_forward_backward_func()(

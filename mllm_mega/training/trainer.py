@@ -47,7 +47,8 @@ class Trainer:
         self._install_signal_handlers()  # before the (long) build and load: an early signal is kept, not fatal
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        self.dp_group = ps.get_data_parallel_group()
+        # context parallel: CP ranks share a DP rank's data; loss weights and gradients sum over DP x CP
+        self.dp_group = ps.get_data_parallel_group(with_context_parallel=True)
         self.ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
         gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
         if gbs % (mbs * self.dp_size):
@@ -90,7 +91,7 @@ class Trainer:
         self.multipliers = training_multipliers(self.frozen)
         self.peak_tflops = device_peak_tflops(cfg.logging.peak_tflops)
         self.stopped_early = False  # signal or exit_interval; the same on every rank (agreed at a step boundary)
-        self._print(f"[train] {self.arch.family} | layout tp={cfg.parallel.tp} pp={cfg.parallel.pp} "
+        self._print(f"[train] {self.arch.family} | layout tp={cfg.parallel.tp} pp={cfg.parallel.pp} cp={cfg.parallel.cp} "
                     f"dp={self.dp_size} | stage {cfg.stage.name} (frozen: "
                     f"{[k for k, v in self.frozen.items() if v] or 'none'}) | dtype {str(self.dtype)[6:]} | "
                     f"kernels {self.kernels} | {self.num_microbatches} micro-batch(es) of {mbs} pack(s) x "
@@ -104,7 +105,8 @@ class Trainer:
     def _is_data_writer(self) -> bool:
         from megatron.core import parallel_state as ps
 
-        return ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+        return ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0 \
+            and ps.get_context_parallel_rank() == 0  # context parallel: CP peers hold the same loader state
 
     def _sharded_state_dict(self, is_loading: bool, sharding: str | None = None) -> dict:
         model_sd = self.model.sharded_state_dict(prefix="")
@@ -113,7 +115,10 @@ class Trainer:
                 "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=meta)}
 
     def _layout(self) -> dict:
-        return {"tp": self.cfg.parallel.tp, "pp": self.cfg.parallel.pp, "dp": self.dp_size, "world": self.world}
+        layout = {"tp": self.cfg.parallel.tp, "pp": self.cfg.parallel.pp, "dp": self.dp_size, "world": self.world}
+        if self.cfg.parallel.cp > 1:  # context parallel (absent at CP=1: older checkpoints compare equal)
+            layout["cp"] = self.cfg.parallel.cp
+        return layout
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def save(self, iteration: int) -> None:
@@ -192,10 +197,13 @@ class Trainer:
         extra = os.path.join(path, "extra")
         ts = resume.read_json(os.path.join(extra, "train_state.json"), "train state")
         saved, now = ts["layout"], self._layout()
-        if ts["optimizer_sharding"] == "dp_reshardable" and (saved["tp"], saved["pp"]) != (now["tp"], now["pp"]):
+        # context parallel: the distributed optimizer shards over DP x CP, so a CP change is a reshard too
+        if ts["optimizer_sharding"] == "dp_reshardable" and (saved["tp"], saved["pp"], saved.get("cp", 1)) != (
+                now["tp"], now["pp"], now.get("cp", 1)):
             raise ValueError(
                 f"{path}: its optimizer state was saved with checkpoint.optimizer_sharding=dp_reshardable at "
-                f"tp={saved['tp']} pp={saved['pp']} and cannot be loaded at tp={now['tp']} pp={now['pp']}; save "
+                f"tp={saved['tp']} pp={saved['pp']} cp={saved.get('cp', 1)} and cannot be loaded at tp={now['tp']} "
+                f"pp={now['pp']} cp={now.get('cp', 1)}; save "
                 "with fully_reshardable, or start a new run with model.init_from (weights reshard at any layout)")
         if ts.get("model_only"):
             with torch.no_grad():
@@ -290,6 +298,7 @@ class Trainer:
                 launches_before = _launch_counts() if first_step else None
                 iteration += 1
                 result = train_step(self.ddp, self.optimizer, micro, kernels=self.kernels, dp_group=self.dp_group,
+                                    arch=self.arch,  # context parallel: the split needs the placeholder ids
                                     inject_nan=iteration in cfg.train.inject_nan_at,
                                     inject_nan_grad=iteration in cfg.train.inject_nan_grad_at)
                 launches = self._launches_since(launches_before, iteration) if first_step else None

@@ -96,6 +96,23 @@ def test_video_patch_layout():
     torch.testing.assert_close(torch.from_numpy(odd), ref, rtol=0, atol=0)
 
 
+def test_one_pass_patchify_equals_the_numpy_spec():
+    """csrc/patchify.cpp (what image_to_patches runs) against patchify(normalize(two frames)) in numpy, on every
+    uint8 level of every channel, non-square grids and merge sizes 1 and 2; the HF comparison above runs it too."""
+    assert V._patchify is not None, "the C++ extension mllm_mega._patchify is not built (tools/setup_env.sh)"
+    rng = np.random.default_rng(0)
+    for (h, w), merge in (((56, 84), 2), ((28, 28), 2), ((42, 14), 1), ((28, 308), 2)):
+        img = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        img.reshape(-1)[:768] = np.arange(768) % 256  # every level in every channel
+        ours, grid = V.image_to_patches(img, merge)
+        ref, ref_grid = V.patchify(V.normalize(np.stack([img, img])), merge)
+        assert grid == ref_grid and ours.dtype == np.float32
+        np.testing.assert_array_equal(ours, ref)
+        np.testing.assert_array_equal(V.image_to_patches_numpy(img, merge)[0], ref)
+    with pytest.raises(ValueError, match="not divisible"):
+        V.image_to_patches(np.zeros((30, 28, 3), np.uint8))
+
+
 def test_video_of_identical_frames_equals_image():
     img = _photo(56, 112, 5)
     image_patches, _ = V.image_to_patches(img)

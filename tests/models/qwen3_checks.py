@@ -24,22 +24,30 @@ if __name__ == "__main__":
             result["verify"][f"{hf_dir} tp={tp} pp={pp}"] = max_abs
 
     # after training, before the trainer closes: every q/k-norm weight of this TP rank, gathered to compare
-    close = Trainer.close
+    init, close = Trainer.__init__, Trainer.close
+
+    def qk_norms(model) -> dict:
+        return {n: p.detach().float().clone() for n, p in model.named_parameters()
+                if "q_layernorm" in n or "k_layernorm" in n}
+
+    def init_and_record(self, cfg):
+        init(self, cfg)
+        self._qk_start = qk_norms(self.model)  # the loaded (or initial) weights
 
     def close_and_record(self):
         from megatron.core import parallel_state as ps
 
-        names = sorted(n for n, _ in self.model.named_parameters() if "q_layernorm" in n or "k_layernorm" in n)
-        params = dict(self.model.named_parameters())
-        local = torch.stack([params[n].detach().float() for n in names])
-        init = torch.ones_like(local)  # megatron/our norms start at 1: the run must have moved them
+        now = qk_norms(self.model)
+        names = sorted(now)
+        local = torch.stack([now[n] for n in names])
+        start = torch.stack([self._qk_start[n] for n in names])
         gathered = [torch.empty_like(local) for _ in range(ps.get_tensor_model_parallel_world_size())]
         dist.all_gather(gathered, local, group=ps.get_tensor_model_parallel_group())
         result["qk_norm"] = {"names": names, "tp_max_diff": float((gathered[0] - gathered[1]).abs().max()),
-                             "moved": float((local - init).abs().max())}
+                             "moved": float((local - start).abs().max())}
         return close(self)
 
-    Trainer.close = close_and_record
+    Trainer.__init__, Trainer.close = init_and_record, close_and_record
     dist.destroy_process_group = lambda *a, **k: None  # keep the world for the result gather below
     from mllm_mega.train import main
 

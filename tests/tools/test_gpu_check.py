@@ -43,6 +43,7 @@ def test_dry_run_runs_every_stage(dry_run):
     assert statuses == {**dict.fromkeys(STAGES, "ok"), "pytest_gpu": "skipped"}
     s = results["stages"]
     assert s["imports"]["found"]["mllm_mega._packer"] and s["imports"]["found"]["nvidia.dali"]
+    assert s["imports"]["found"]["mllm_mega._patchify"]
     assert s["bench_kernels"]["cpu_interpreter"] is True
     ops = {r["impl"] for r in s["bench_kernels"]["records"] if "skipped" not in r}
     assert {"mllm_mega varlen_attention", "mllm_mega apply_rope", "mllm_mega rms_norm",

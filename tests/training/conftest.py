@@ -1,6 +1,7 @@
 """Fixtures for the training tests: one small synthetic dataset and a helper that runs the trainer."""
 import json
 import os
+import types
 
 import pytest
 import yaml
@@ -41,6 +42,42 @@ def base_config(shapes: str, tmp: str, **sections) -> str:
 def train(config: str, *overrides: str, nproc: int = 1, env=None, timeout=600):
     return run_cmd(["-m", "mllm_mega.train", "--config", config, *overrides], nproc=nproc, env=env,
                    timeout=timeout)
+
+
+def train_many(tmp: str, runs: dict, nproc: int = 1, env=None, timeout=900) -> dict:
+    """Several trainer runs in ONE launch (tests/training/run_many.py: the start-up and imports are paid once).
+
+    ``runs`` maps a name to ``(config, [overrides...])`` or ``(config, [overrides...], [(src, dst), ...])``
+    (files copied when that run has ended); they run in this order (a later run may start from an
+    earlier one's checkpoint). Returns name -> an object with ``returncode``, ``stdout`` and ``stderr`` of that
+    run alone (all ranks' output, rank 0 first, as torchrun merges it), like ``train``'s result. A run the launch
+    never finished has returncode None and the launch's own output."""
+    spec, prefixes = [], {}
+    for name, (config, overrides, *copies) in runs.items():
+        prefixes[name] = os.path.join(tmp, f"log_{name}")
+        spec.append({"argv": ["--config", config, *overrides], "log": prefixes[name],
+                     "copy": [list(c) for c in (copies[0] if copies else [])]})
+    path = os.path.join(tmp, "runs.json")
+    with open(path, "w") as f:
+        json.dump(spec, f)
+    launch = run_cmd(["tests/training/run_many.py", path], nproc=nproc, env=env, timeout=timeout)
+    out = {}
+    for name, prefix in prefixes.items():
+        rcs, stdout, stderr = [], "", ""
+        for rank in range(nproc):
+            if not os.path.isfile(f"{prefix}.rank{rank}.rc"):
+                rcs = None
+                break
+            rcs.append(int(open(f"{prefix}.rank{rank}.rc").read()))
+            stdout += open(f"{prefix}.rank{rank}.out").read()
+            stderr += open(f"{prefix}.rank{rank}.err").read()
+        if rcs is None:
+            out[name] = types.SimpleNamespace(returncode=None, stdout=launch.stdout,
+                                              stderr=f"launch exited {launch.returncode}:\n{launch.stderr}")
+        else:
+            out[name] = types.SimpleNamespace(returncode=next((c for c in rcs if c), 0), stdout=stdout,
+                                              stderr=stderr)
+    return out
 
 
 def metrics(run_dir: str) -> list[dict]:

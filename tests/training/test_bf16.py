@@ -4,7 +4,8 @@ The path a GPU run takes (``model.dtype: auto`` = bf16 params, fp32 main grads i
 master weights in the distributed optimizer) selected explicitly with ``model.dtype=bfloat16``. The runs are
 shared through one module fixture: a 20-step bf16 TP2 run (which also saves its initial weights, captions an
 eval image and is exported), an fp32 TP1 and a bf16 PP2 run from those initial weights, and a bf16 TP2 run
-split 3 + 2 steps over two launches (started from the same seed, not from the saved weights).
+split 3 + 2 steps over two runs (started from the same seed, not from the saved weights). The world-size-2 runs
+share one launch (tests/training/run_many.py).
 """
 import json
 import os
@@ -12,7 +13,7 @@ import os
 import pytest
 import torch
 
-from tests.training.conftest import assert_ok, base_config, metrics, train
+from tests.training.conftest import assert_ok, base_config, metrics, train, train_many
 
 STEPS = 20
 # decay_steps fixed so that a shorter run (the resume pair) follows the same LR schedule as the 20-step run
@@ -23,29 +24,27 @@ COMMON = ("data.seq_len=128", f"train.max_steps={STEPS}", f"optimizer.decay_step
 def runs(shapes, tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("bf16"))
     cfg = base_config(shapes, tmp)
-    out = {"cfg": cfg, "tmp": tmp}
-    bf16_tp2 = os.path.join(tmp, "bf16_tp2")
-    assert_ok(train(cfg, f"run_dir={bf16_tp2}", *COMMON, "model.dtype=bfloat16", "parallel.tp=2",
-                    "checkpoint.save_initial=true", f"data.eval_data_path={shapes}/eval",
-                    "train.eval_num_captions=1", "train.eval_max_new_tokens=4", nproc=2))
-    out["bf16_tp2"] = bf16_tp2
-    init = os.path.join(bf16_tp2, "checkpoints", "iter_0000000")
+    d = {name: os.path.join(tmp, name) for name in ("bf16_tp2", "fp32", "bf16_pp2", "split")}
+    out = {"cfg": cfg, "tmp": tmp, **d}
+    init = os.path.join(d["bf16_tp2"], "checkpoints", "iter_0000000")
+    bf16 = (*COMMON, "model.dtype=bfloat16")
+    # the world-size-2 runs share one launch (tests/training/run_many.py), in this order: the PP2 run starts
+    # from the TP2 run's saved initial weights
+    two = {"bf16_tp2": [f"run_dir={d['bf16_tp2']}", *bf16, "parallel.tp=2", "checkpoint.save_initial=true",
+                        f"data.eval_data_path={shapes}/eval", "train.eval_num_captions=1",
+                        "train.eval_max_new_tokens=4"],
+           "bf16_pp2": [f"run_dir={d['bf16_pp2']}", *bf16, "parallel.pp=2", f"model.init_from={init}"],
+           # a bf16 TP2 run split 3 + 2 steps over two runs (from the same seed, not from the saved weights)
+           "split_a": [f"run_dir={d['split']}", *bf16, "parallel.tp=2", "train.max_steps=5",
+                       "train.exit_interval=3"],
+           "split_b": [f"run_dir={d['split']}", *bf16, "parallel.tp=2", "train.max_steps=5"]}
+    res = train_many(tmp, {k: (cfg, v) for k, v in two.items()}, nproc=2)
+    for r in res.values():
+        assert_ok(r)
     assert os.path.isdir(init)  # kept: save_interval 100 and keep_last 2 leave iterations 0 and 20
+    assert "resumed from" in res["split_b"].stdout and "resumed from" not in res["split_a"].stdout
     # the same initial weights: bf16 values are exact in fp32, so the fp32 run starts from identical numbers
-    fp32 = os.path.join(tmp, "fp32_tp1")
-    assert_ok(train(cfg, f"run_dir={fp32}", *COMMON, "model.dtype=float32", f"model.init_from={init}"))
-    out["fp32"] = fp32
-    bf16_pp2 = os.path.join(tmp, "bf16_pp2")
-    assert_ok(train(cfg, f"run_dir={bf16_pp2}", *COMMON, "model.dtype=bfloat16", "parallel.pp=2",
-                    f"model.init_from={init}", nproc=2))
-    out["bf16_pp2"] = bf16_pp2
-    split = os.path.join(tmp, "split")
-    for extra in (("train.exit_interval=3",), ()):
-        res = train(cfg, f"run_dir={split}", *COMMON, "model.dtype=bfloat16", "parallel.tp=2",
-                    "train.max_steps=5", *extra, nproc=2)
-        assert_ok(res)
-    assert "resumed from" in res.stdout
-    out["split"] = split
+    assert_ok(train(cfg, f"run_dir={d['fp32']}", *COMMON, "model.dtype=float32", f"model.init_from={init}"))
     return out
 
 

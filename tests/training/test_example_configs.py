@@ -20,7 +20,7 @@ KNOWN = {
     "3B": dict(layers=36, heads=16, kv_heads=2, ffn=11008, vocab=151936, vision_heads=16, vision_ffn=3420),
     "7B": dict(layers=28, heads=28, kv_heads=4, ffn=18944, vocab=152064, vision_heads=16, vision_ffn=3420),
 }
-STAGES = {"stage1": "projector", "stage1_5": "vit_projector", "stage2": "full"}
+STAGES = {"stage1": "projector", "stage1_5": "vit_projector", "stage2": "full", "stage3_long": "full"}
 
 
 def _name(path):
@@ -35,7 +35,8 @@ def _size(cfg):
 
 def test_there_are_example_configs():
     assert any(_name(p) == "tiny_synthetic.yaml" for p in CONFIGS)
-    assert {_name(p) for p in GPU_CONFIGS} >= {f"qwen2_5_vl_{s}_{st}.yaml" for s in ("3b", "7b") for st in STAGES}
+    assert {_name(p) for p in GPU_CONFIGS} >= {f"qwen2_5_vl_{s}_{st}.yaml" for s in ("3b", "7b") for st in STAGES
+                                               if st != "stage3_long"} | {"qwen2_5_vl_7b_stage3_long.yaml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=_name)
@@ -51,7 +52,7 @@ def test_gpu_config_layout_fits_the_model(path):
     size = _size(cfg)
     assert size in KNOWN, f"{_name(path)}: cannot tell the model size from arch={cfg.model.arch!r}"
     m, p = KNOWN[size], cfg.parallel
-    tp, pp = p.tp, p.pp
+    tp, pp = p.tp, p.pp * p.cp  # context parallel: CP ranks belong to the model replica too
     assert m["kv_heads"] % tp == 0 and m["heads"] % tp == 0, f"TP={tp} does not divide the LLM heads of {size}"
     assert m["vision_heads"] % tp == 0 and m["vision_ffn"] % tp == 0, f"TP={tp} does not divide the ViT of {size}"
     assert m["vocab"] % tp == 0 and m["ffn"] % tp == 0
@@ -74,7 +75,7 @@ def test_gpu_config_layout_fits_the_model(path):
 def test_gpu_config_stage_recipe(path):
     """Stage, starting weights and LR follow the three-stage recipe (1 -> 1.5 -> 2)."""
     cfg = load_config(path)
-    m = re.match(r"qwen2_5_vl_(\d+b)_(stage1|stage1_5|stage2)\.yaml$", _name(path))
+    m = re.match(r"qwen2_5_vl_(\d+b)_(stage1|stage1_5|stage2|stage3_long)\.yaml$", _name(path))
     assert m, _name(path)
     size, stage = m.groups()
     assert cfg.stage.name == STAGES[stage]
@@ -83,7 +84,7 @@ def test_gpu_config_stage_recipe(path):
     assert cfg.data.data_path and cfg.data.tokenizer_dir
     assert cfg.checkpoint.async_save == "auto"
     assert cfg.run_dir.endswith(f"qwen2_5_vl_{size}_{stage}")
-    previous = {"stage1_5": "stage1", "stage2": "stage1_5"}.get(stage)
+    previous = {"stage1_5": "stage1", "stage2": "stage1_5", "stage3_long": "stage2"}.get(stage)
     if previous is None:
         assert cfg.model.init_from and not cfg.model.init_from.endswith("/checkpoints")  # an import-hf output
         assert cfg.stage.freeze_vision and cfg.stage.freeze_llm and not cfg.stage.freeze_merger

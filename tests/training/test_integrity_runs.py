@@ -1,5 +1,7 @@
 """Checkpoint faults inside real runs: one 4-step run (checkpoints at 2 and 4) is shared by every test, each
-of which copies it, breaks the copy the way a cluster does, and relaunches (one process, tiny model)."""
+of which copies it, breaks the copy the way a cluster does, and relaunches (one process, tiny model; the
+relaunches that need no signal or mount share one launch, tests/training/run_many.py)."""
+import json
 import os
 import re
 import shutil
@@ -13,7 +15,7 @@ import pytest
 from mllm_mega.training import checkpointing as ckpt
 from mllm_mega.training import resume
 from tests.conftest import ROOT
-from tests.training.conftest import assert_ok, base_config, metrics, train
+from tests.training.conftest import assert_ok, base_config, metrics, train, train_many
 
 SMALL = {"train": {"max_steps": 4}, "checkpoint": {"save_interval": 2, "keep_last": 3},
          "data": {"seq_len": 256}}
@@ -40,6 +42,38 @@ def _shard(run_dir, it, name="__0_0.distcp"):
     return os.path.join(ckpt.iter_dir(os.path.join(run_dir, "checkpoints"), it), name)
 
 
+def _flip_bytes(shard):
+    with open(shard, "r+b") as f:  # 256 bytes XOR-ed inside the tensor data, as in the issue
+        f.seek(os.path.getsize(shard) // 2)
+        data = f.read(256)
+        f.seek(-256, 1)
+        f.write(bytes(b ^ 0x5A for b in data))
+
+
+@pytest.fixture(scope="module")
+def relaunches(base_run, tmp_path_factory):
+    """The relaunches of three tests in one launch (tests/training/run_many.py), each on its own copy of the
+    base run prepared here: after flipped bytes; with a changed batch size and seed (refused), then allowed;
+    a layout that does not divide the world size. Returns name -> (run_dir, result)."""
+    tmp = tmp_path_factory.mktemp("relaunch")
+    cfg = base_run[0]
+    flipped = _copy(base_run, tmp, "flipped")[1]
+    _flip_bytes(_shard(flipped, 4))
+    changed = _copy(base_run, tmp, "changed")[1]
+    refused = {name: str(tmp / f"refused_{name}") for name in ("config.yaml", "metrics.jsonl")}
+    layout = str(tmp / "layout")
+    res = train_many(str(tmp), {
+        "flipped": (cfg, [f"run_dir={flipped}"]),
+        "refused": (cfg, [f"run_dir={changed}", "train.global_batch_size=4", "seed=7", "train.max_steps=6"],
+                    [(os.path.join(changed, name), path) for name, path in refused.items()]),
+        # allowed: logged with old and new values, then recorded (max_steps=4: resume and stop, no step to pay for)
+        "allowed": (cfg, [f"run_dir={changed}", "train.global_batch_size=4", "train.allow_config_change=true"]),
+        "layout": (cfg, [f"run_dir={layout}", "parallel.tp=2"]),  # one process: world size 1
+    })
+    dirs = {"flipped": flipped, "refused": changed, "allowed": changed, "layout": layout}
+    return {name: (dirs[name], r) for name, r in res.items()}, refused
+
+
 def test_save_overhead_of_the_manifest(base_run):
     """Hashing while saving costs well under 10% of the save (both measured by the trainer, printed)."""
     saves = re.findall(r"saved \S+ \(([\d.]+)s, manifest ([\d.]+)s\)", base_run[2])
@@ -49,15 +83,9 @@ def test_save_overhead_of_the_manifest(base_run):
     assert hashing < 0.10 * total
 
 
-def test_flipped_bytes_fall_back_and_continue_bit_identically(base_run, tmp_path):
-    cfg, run_dir = _copy(base_run, tmp_path)
+def test_flipped_bytes_fall_back_and_continue_bit_identically(base_run, relaunches):
+    run_dir, res = relaunches[0]["flipped"]
     shard = _shard(run_dir, 4)
-    with open(shard, "r+b") as f:  # 256 bytes XOR-ed inside the tensor data, as in the issue
-        f.seek(os.path.getsize(shard) // 2)
-        data = f.read(256)
-        f.seek(-256, 1)
-        f.write(bytes(b ^ 0x5A for b in data))
-    res = train(cfg, f"run_dir={run_dir}")
     assert_ok(res)
     assert f"{shard}: content hash" in res.stdout and "falling back to" in res.stdout
     assert "iter_0000002 (iteration 2)" in res.stdout
@@ -117,16 +145,17 @@ def test_check_tool(base_run, tmp_path, capsys):
     assert convert_checkpoint.main(["check", "--load", str(tmp_path / "nowhere")]) == 2
 
 
-def test_changed_batch_size_and_seed_refused(base_run, tmp_path):
-    cfg, run_dir = _copy(base_run, tmp_path)
-    saved = open(os.path.join(run_dir, "config.yaml")).read()
-    res = train(cfg, f"run_dir={run_dir}", "train.global_batch_size=4", "seed=7", "train.max_steps=6")
+def test_changed_batch_size_and_seed_refused(base_run, relaunches):
+    (run_dir, res), refused = relaunches[0]["refused"], relaunches[1]
+    saved = open(os.path.join(base_run[1], "config.yaml")).read()
     assert res.returncode == 2, res.stderr[-3000:]
     assert "train.global_batch_size: 2 -> 4" in res.stderr and "seed: 1234 -> 7" in res.stderr
-    assert open(os.path.join(run_dir, "config.yaml")).read() == saved  # the refused config is not recorded
-    assert metrics(run_dir) == metrics(base_run[1])
+    # (copied right after the refused run)
+    assert open(refused["config.yaml"]).read() == saved  # the refused config is not recorded
+    with open(refused["metrics.jsonl"]) as f:
+        assert [json.loads(line) for line in f] == metrics(base_run[1])
     # allowed: logged with old and new values, then recorded (max_steps=4: resume and stop, no step to pay for)
-    res = train(cfg, f"run_dir={run_dir}", "train.global_batch_size=4", "train.allow_config_change=true")
+    run_dir, res = relaunches[0]["allowed"]
     assert_ok(res)
     assert "allow_config_change=true: resuming with changed train.global_batch_size: 2 -> 4" in res.stdout
     assert "global_batch_size: 4" in open(os.path.join(run_dir, "config.yaml")).read()
@@ -188,7 +217,7 @@ def test_disk_full_keeps_the_previous_checkpoint(base_run, tmp_path):
         subprocess.run(["umount", mount], check=False)
 
 
-def test_layout_not_dividing_the_world_exits_2(base_run, tmp_path):
-    res = train(base_run[0], f"run_dir={tmp_path / 'run'}", "parallel.tp=2")  # one process: world size 1
+def test_layout_not_dividing_the_world_exits_2(relaunches):
+    run_dir, res = relaunches[0]["layout"]
     assert res.returncode == 2 and "error: world size 1 is not divisible by TP=2 x PP=1" in res.stderr, res.stderr
-    assert not os.path.exists(tmp_path / "run")  # refused before anything was written
+    assert not os.path.exists(run_dir)  # refused before anything was written

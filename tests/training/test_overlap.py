@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from tests.training.conftest import assert_ok, base_config, metrics, train
+from tests.training.conftest import assert_ok, base_config, metrics, train_many
 
 HAVE_WANDB = importlib.util.find_spec("wandb") is not None
 # decay_steps > max_steps: the last step still has a sizeable LR, so a save of stale weights would show
@@ -31,16 +31,19 @@ def _weights(run_dir):
 
 @pytest.fixture(scope="module")
 def overlap_runs(shapes, tmp_path_factory):
+    """Both runs in one launch (tests/training/run_many.py)."""
     tmp = str(tmp_path_factory.mktemp("overlap"))
     cfg = base_config(shapes, tmp)
     off, on = os.path.join(tmp, "off"), os.path.join(tmp, "on")
-    assert_ok(train(cfg, f"run_dir={off}", *COMMON, nproc=2))
     # the overlapped run also logs to W&B offline when wandb is installed (no network; it shares this run)
     wandb = ("logging.wandb_project=mllm-mega-test", "logging.wandb_mode=offline") if HAVE_WANDB else ()
-    res = train(cfg, f"run_dir={on}", *COMMON, "parallel.overlap_grad_reduce=true",
-                "parallel.overlap_param_gather=true", "parallel.ddp_bucket_size=20000", *wandb, nproc=2,
-                env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
-    assert_ok(res)
+    res = train_many(tmp, {"off": (cfg, [f"run_dir={off}", *COMMON]),
+                           "on": (cfg, [f"run_dir={on}", *COMMON, "parallel.overlap_grad_reduce=true",
+                                        "parallel.overlap_param_gather=true", "parallel.ddp_bucket_size=20000",
+                                        *wandb])},
+                     nproc=2, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert_ok(res["off"])
+    assert_ok(res["on"])
     return off, on
 
 

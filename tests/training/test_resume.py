@@ -6,9 +6,10 @@ import subprocess
 import sys
 import time
 
+from mllm_mega.training import checkpointing as ckpt
 from mllm_mega.training.checkpointing import latest_iteration
 from tests.conftest import ROOT
-from tests.training.conftest import assert_ok, base_config, metrics, train
+from tests.training.conftest import assert_ok, base_config, metrics, train, train_many
 
 
 def test_exact_resume_dp2(shapes, tmp_path):
@@ -16,22 +17,36 @@ def test_exact_resume_dp2(shapes, tmp_path):
     distributed optimizer, JPEG augmentation and packing on, per-module LR groups)."""
     cfg = base_config(shapes, str(tmp_path))
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    assert_ok(train(cfg, f"run_dir={straight}", nproc=2))
-    # the first half saves asynchronously (a background process; the tracker moves when it is done), the
-    # second synchronously: both kinds of checkpoint are written and the resume continues bit-identically
-    res = train(cfg, f"run_dir={split}", "train.exit_interval=3", "checkpoint.async_save=true", nproc=2)
-    assert_ok(res)
-    assert "scheduled async save of" in res.stdout
-    assert len(metrics(split)) == 3 and latest_iteration(os.path.join(split, "checkpoints")) == 3
-    res = train(cfg, f"run_dir={split}", "checkpoint.async_save=false", nproc=2)
-    assert_ok(res)
-    assert "resumed from" in res.stdout and "scheduled async save of" not in res.stdout
+    # the three runs share one launch (tests/training/run_many.py); the first half of the split run saves
+    # asynchronously (a background process; the tracker moves when it is done), the second synchronously: both
+    # kinds of checkpoint are written and the resume continues bit-identically
+    half1 = {name: str(tmp_path / f"half1_{name}") for name in ("metrics.jsonl", ckpt.TRACKER)}
+    res = train_many(str(tmp_path), {
+        "straight": (cfg, [f"run_dir={straight}"]),
+        "half1": (cfg, [f"run_dir={split}", "train.exit_interval=3", "checkpoint.async_save=true"],
+                  [(os.path.join(split, "metrics.jsonl"), half1["metrics.jsonl"]),
+                   (os.path.join(split, "checkpoints", ckpt.TRACKER), half1[ckpt.TRACKER])]),
+        "half2": (cfg, [f"run_dir={split}", "checkpoint.async_save=false"])}, nproc=2)
+    assert_ok(res["straight"])
+    assert_ok(res["half1"])
+    assert "scheduled async save of" in res["half1"].stdout
+    # what the first half left (copied when it ended)
+    assert len(metrics_file(half1["metrics.jsonl"])) == 3 and open(half1[ckpt.TRACKER]).read().strip() == "3"
+    assert_ok(res["half2"])
+    assert "resumed from" in res["half2"].stdout and "scheduled async save of" not in res["half2"].stdout
+    assert "iter_0000003 (iteration 3," in res["half2"].stdout
+    assert len(metrics(straight)) == 6
     a, b = metrics(straight), metrics(split)
     assert [m["iteration"] for m in b] == list(range(1, 7))
     for x, y in zip(a, b):
         assert x["loss"] == y["loss"] and x["grad_norm"] == y["grad_norm"] and x["lr"] == y["lr"], (x, y)
     assert latest_iteration(os.path.join(split, "checkpoints")) == 6
     assert a[-1]["loss"] < a[0]["loss"]
+
+
+def metrics_file(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
 
 
 def _worker_pids(parent: int) -> list[int]:

@@ -32,9 +32,11 @@ class PackedSeqParamsWithRope(PackedSeqParams):
     rope_position_ids: torch.Tensor | None = None
     rope_inv_freq: torch.Tensor | None = None
     rope_sections: tuple[int, ...] | None = None
+    context_parallel: object = None  # context parallel: this rank's CPShard (mllm_mega/parallel/context.py)
 
 
-def make_packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int, position_ids, inv_freq, sections):
+def make_packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int, position_ids, inv_freq, sections,
+                           context_parallel=None):
     cu = cu_seqlens.to(torch.int32)
     return PackedSeqParamsWithRope(
         qkv_format="thd",
@@ -45,6 +47,7 @@ def make_packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int, position_i
         rope_position_ids=position_ids,
         rope_inv_freq=inv_freq,
         rope_sections=tuple(int(s) for s in sections),
+        context_parallel=context_parallel,
     )
 
 
@@ -98,12 +101,26 @@ class _PackedAttentionBase(MegatronModule):
             raise ValueError("packed attention needs PackedSeqParamsWithRope (THD input with position ids)")
         p = packed_seq_params
         # query (T, heads_local, head_dim); key/value (T, kv_heads_local, head_dim)
+        if p.context_parallel is not None:  # context parallel: rotate locally, attend over the CP-gathered K/V
+            from mllm_mega.models.common.context_parallel import cp_attention
+
+            if p.rope_position_ids is not None:
+                query, key = self._rotate(query, key, p)
+            out = cp_attention(query, key, value, p.context_parallel, kernels=self.kernels,
+                               softmax_scale=self.softmax_scale, causal=self.causal)
+            return out.reshape(out.shape[0], -1)
         out = self._attend(query, key, value, p)
         return out.reshape(out.shape[0], -1)
 
 
 class TorchPackedAttention(_PackedAttentionBase):
     """Plain-torch packed attention + RoPE (the CPU path and the reference)."""
+
+    kernels = "torch"
+
+    def _rotate(self, q, k, p):  # context parallel: the CP path rotates before its K/V all-gather
+        angles = rope_angles(p.rope_position_ids, p.rope_inv_freq, p.rope_sections)
+        return apply_rope_torch(q, angles), apply_rope_torch(k, angles)
 
     def _attend(self, q, k, v, p):
         if p.rope_position_ids is not None:
@@ -114,6 +131,14 @@ class TorchPackedAttention(_PackedAttentionBase):
 
 class TritonPackedAttention(_PackedAttentionBase):
     """Triton varlen attention + fused RoPE from ``mllm_mega.kernels``."""
+
+    kernels = "triton"
+
+    def _rotate(self, q, k, p):  # context parallel: the CP path rotates before its K/V all-gather
+        from mllm_mega.kernels import apply_rope
+
+        return (apply_rope(q, p.rope_position_ids, p.rope_inv_freq, p.rope_sections),
+                apply_rope(k, p.rope_position_ids, p.rope_inv_freq, p.rope_sections))
 
     def _attend(self, q, k, v, p):
         from mllm_mega.kernels import apply_rope, varlen_attention

@@ -84,8 +84,10 @@ class CausalLM(MegatronModule):
         return self.language_model.shared_embedding_or_output_weight()
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen=None, pixel_values=None,
-                image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):
-        """One packed sequence. Returns (T, vocab/TP) logits on the last stage, hidden states elsewhere."""
+                image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, context_parallel=None):
+        """One packed sequence. Returns (T, vocab/TP) logits on the last stage, hidden states elsewhere.
+
+        ``context_parallel``: this rank's CPShard; the token inputs are then its local slice."""
         from megatron.core import tensor_parallel
 
         from mllm_mega.models.common.attention import make_packed_seq_params
@@ -97,7 +99,7 @@ class CausalLM(MegatronModule):
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         params = make_packed_seq_params(cu_seqlens, max_seqlen, position_ids, self.rope_inv_freq,
-                                        self.arch.text.mrope_section)
+                                        self.arch.text.mrope_section, context_parallel=context_parallel)
         decoder_input = None
         if self.pre_process:
             decoder_input = self.language_model.embedding(input_ids=input_ids.view(1, -1), position_ids=None)

@@ -51,7 +51,7 @@ class Qwen2VLModel(MegatronModule):
 
     # --- forward -----------------------------------------------------------------------------------
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-              video_grid_thw=None):
+              video_grid_thw=None, context_parallel=None):
         """Token embeddings with vision features written at the image/video placeholders: (T, 1, hidden)."""
         emb = self.language_model.embedding(input_ids=input_ids.view(1, -1), position_ids=None)  # (T, 1, h)
         pieces, grids = [], []
@@ -59,6 +59,10 @@ class Qwen2VLModel(MegatronModule):
             if pv is not None and grid is not None and grid.numel() > 0:
                 pieces.append(pv)
                 grids.append(grid)
+        if context_parallel is not None:  # context parallel: media split over CP ranks, features all-gathered
+            from mllm_mega.models.common.context_parallel import cp_embed
+
+            return cp_embed(self, input_ids, context_parallel, pieces, grids, emb)
         if pieces:
             feats = self.vision(torch.cat(pieces), torch.cat(grids))
             unit = self.arch.vision.spatial_merge_size ** 2
@@ -77,16 +81,18 @@ class Qwen2VLModel(MegatronModule):
         return emb
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen=None, pixel_values=None,
-                image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):
-        """One packed sequence. Returns (T, vocab/TP) logits on the last stage, hidden states elsewhere."""
+                image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, context_parallel=None):
+        """One packed sequence. Returns (T, vocab/TP) logits on the last stage, hidden states elsewhere.
+
+        ``context_parallel``: this rank's CPShard; the token inputs are then its local slice."""
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         params = make_packed_seq_params(cu_seqlens, max_seqlen, position_ids, self.rope_inv_freq,
-                                        self.arch.text.mrope_section)
+                                        self.arch.text.mrope_section, context_parallel=context_parallel)
         decoder_input = None
         if self.pre_process:
             decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos,
-                                       video_grid_thw)
+                                       video_grid_thw, context_parallel=context_parallel)
             if self.config.sequence_parallel:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
         out = self.language_model(input_ids=None, position_ids=None, attention_mask=None,
