@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Compose a Valley2.5-family HF model: the Qwen2-VL vision tower (+ merger) of one HF directory and the Qwen3
-LLM of another, the starting checkpoint of the Valley recipe.
+"""Compose a new HF model of a composable family (``FamilySpec.compose_hf``; Valley2.5: the Qwen2-VL vision
+tower (+ merger) of one HF directory and the Qwen3 LLM of another, the starting checkpoint of the Valley recipe).
 
-  python tools/compose_model.py --vision-from QWEN2VL_HF_DIR --llm-from QWEN3_HF_DIR --out M
+  python tools/compose_model.py --vision-from QWEN2VL_HF_DIR --llm-from QWEN3_HF_DIR --out M [--family F]
       [--position-mode mrope|1d] [--seed 0] [--dtype float32|bfloat16|float16] [--max-shard-size 5GB]
 
 The merger is kept when its output width equals the Qwen3 hidden size; otherwise its output projection
@@ -21,6 +21,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mllm_mega.models import registry
+
+    families = registry.composable_names()
+    p.add_argument("--family", default=families[0] if len(families) == 1 else None, choices=families,
+                   help=f"the family to compose (registered composable families: {families})")
     p.add_argument("--vision-from", required=True, help="Qwen2-VL HF directory (Qwen2VLForConditionalGeneration)")
     p.add_argument("--llm-from", required=True, help="Qwen3 HF directory (Qwen3ForCausalLM) with tokenizer.json")
     p.add_argument("--out", required=True)
@@ -31,11 +36,12 @@ def main(argv=None) -> int:
     p.add_argument("--max-shard-size", default="5GB")
     args = p.parse_args(argv)
 
-    from mllm_mega.models.families.valley.compose import compose_model, parse_size
-
+    if args.family is None:
+        p.error(f"--family is required (one of {families})")
+    compose = registry.get(args.family).compose_hf
     try:
-        summary = compose_model(args.vision_from, args.llm_from, args.out, position_mode=args.position_mode,
-                                seed=args.seed, dtype=args.dtype, max_shard_bytes=parse_size(args.max_shard_size))
+        summary = compose(args.vision_from, args.llm_from, args.out, position_mode=args.position_mode,
+                          seed=args.seed, dtype=args.dtype, max_shard_size=args.max_shard_size)
     except (FileNotFoundError, FileExistsError, KeyError, ValueError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: compose failed: {msg}", file=sys.stderr)

@@ -51,7 +51,7 @@ def import_hf(hf_dir: str, out: str, *, progress: bool = True) -> None:
                               "source": os.path.abspath(hf_dir)})
         ckpt.save_checkpoint(tmp, 0, ckpt.model_sharded_state_dict(model))
         for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                     "preprocessor_config.json", "chat_template.json", "generation_config.json",
+                     "preprocessor_config.json", "chat_template.json", "chat_template.jinja", "generation_config.json",
                      "special_tokens_map.json"):
             if os.path.isfile(os.path.join(hf_dir, name)):
                 os.makedirs(os.path.join(tmp, "hf_extra"), exist_ok=True)
@@ -59,11 +59,18 @@ def import_hf(hf_dir: str, out: str, *, progress: bool = True) -> None:
 
 
 def load_hf_model(hf_dir: str):
+    """The transformers model of ``hf_dir`` (fp32, eager attention): its ``architectures`` class, or, for a
+    directory with remote code (``auto_map``), the class ``auto_map`` names, loaded with trust_remote_code."""
     import transformers
 
+    auto_map = registry.read_hf_config(hf_dir).get("auto_map") or {}
+    kwargs = dict(dtype=torch.float32, attn_implementation="eager")
+    for name in ("AutoModelForImageTextToText", "AutoModelForCausalLM"):
+        if name in auto_map:
+            return getattr(transformers, name).from_pretrained(hf_dir, trust_remote_code=True, **kwargs).eval()
     cfg = transformers.AutoConfig.from_pretrained(hf_dir)
     cls = getattr(transformers, cfg.architectures[0])
-    model = cls.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    model = cls.from_pretrained(hf_dir, **kwargs)
     return model.eval()
 
 

@@ -115,6 +115,11 @@ def write_hf_weights(out_dir: str, tensors, max_shard_bytes: int, dtype: torch.d
     return index
 
 
+def _is_model_file(name: str) -> bool:
+    """config.json, weights and weight indexes: what an export writes itself, never taken from hf_extra."""
+    return name == "config.json" or name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json"))
+
+
 def write_hf_dir(out_dir: str, arch, state: dict[str, torch.Tensor], *, dtype: torch.dtype,
                  max_shard_bytes: int, extra_from: str | None = None, progress: bool = True) -> dict:
     """Full state (our names) -> HF files in ``out_dir`` (which exists): weights, configs, hf_extra files."""
@@ -124,10 +129,14 @@ def write_hf_dir(out_dir: str, arch, state: dict[str, torch.Tensor], *, dtype: t
                              progress=progress)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump((spec.export_hf_config or _export_config)(arch.hf_config, dtype), f, indent=2)
+    for path in (spec.hf_code_files(arch) if spec.hf_code_files else []):  # remote code named by auto_map
+        shutil.copyfile(path, os.path.join(out_dir, os.path.basename(path)))
     extra = os.path.join(extra_from, "hf_extra") if extra_from else None
     if extra and os.path.isdir(extra):
         for name in sorted(os.listdir(extra)):
-            if os.path.isfile(os.path.join(extra, name)) and name != "config.json":
+            # never the model files of an HF dir used as data.tokenizer_dir (the trainer copies that whole dir):
+            # they would replace the exported weights / index / config with the starting ones
+            if os.path.isfile(os.path.join(extra, name)) and not _is_model_file(name):
                 shutil.copy2(os.path.join(extra, name), os.path.join(out_dir, name))
     if not os.path.isfile(os.path.join(out_dir, "generation_config.json")):
         with open(os.path.join(out_dir, "generation_config.json"), "w") as f:

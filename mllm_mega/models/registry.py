@@ -30,6 +30,10 @@ processor_config      (arch, data_cfg) -> preprocessor_config.json dict or None 
 check_layout          (arch, layout): raise ValueError when the TP/PP layout does not fit the arch     tools
 export_hf_config      (HF config dict, dtype) -> the config.json an HF export writes (None: generic)   tools
 graft_hf_config       (vision-donor config, LLM-donor config) -> the grafted config.json (or None)   tools
+hf_code_files         (arch) -> paths of remote-code files an HF export copies next to config.json    tools
+                      (the modules its ``auto_map`` names; None: transformers has the class)
+compose_hf            (vision_from, llm_from, out, **options) -> summary: a new HF directory of this   tools
+                      family from a vision-tower donor and an LLM donor (None: not composable)
 has_vision            False for text-only LLM families (no image processor, no vision inputs)         all
 groups                the module groups (of ``MODULE_GROUPS``) the family has                         trainer
 ===================== ============================================================================= ==========
@@ -77,6 +81,8 @@ class FamilySpec:
     check_layout: Callable[[Any, Any], Any]
     graft_hf_config: Callable[[dict, dict], dict] | None = None  # None: the family cannot be grafted
     export_hf_config: Callable[[dict, Any], dict] | None = None  # None: the generic writer's (dtype fields set)
+    hf_code_files: Callable[[Any], list] | None = None  # None: no remote code (a transformers class)
+    compose_hf: Callable[..., dict] | None = None  # None: the family is not composed from two donors
     has_vision: bool = True
     groups: tuple[str, ...] = MODULE_GROUPS  # the module groups this family has, in forward order
 
@@ -181,6 +187,11 @@ def read_hf_config(hf_dir: str) -> dict:
 def load_arch(hf_dir: str):
     """The parsed architecture of a HF model directory."""
     return arch_from_hf_config(read_hf_config(hf_dir))
+
+
+def composable_names() -> list[str]:
+    """Families whose spec can compose a model from a vision donor and an LLM donor (``compose_hf``)."""
+    return [n for n in names() if _FAMILIES[n].compose_hf is not None]
 
 
 def tiny_arch_names() -> list[str]:

@@ -184,7 +184,8 @@ class Trainer:
             return
         tmp = dst + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
+        # the tokenizer dir may be a whole HF model dir: its weights are not tokenizer files
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.index.json", "*.pt"))
         config = self.spec.processor_config(self.arch, self.cfg.data)  # None for a text-only model
         if config is not None and not os.path.isfile(os.path.join(tmp, "preprocessor_config.json")):
             with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:

@@ -110,7 +110,7 @@ def test_no_module_outside_models_reaches_a_family_directly():
         f"  {f}:{v}" for f, vs in bad.items() for v in vs)
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "valley"])
 def test_families_found_by_hf_config(name):
     spec = registry.get(name)
     cfg = spec.tiny_config()

@@ -93,3 +93,21 @@ def test_gpu_config_stage_recipe(path):
         assert os.path.normpath(cfg.model.init_from) == os.path.normpath(os.path.join(prev.run_dir, "checkpoints"))
         assert cfg.optimizer.lr < prev.optimizer.lr
         assert cfg.stage.lr_mult_vision < 1.0 and not cfg.stage.freeze_vision
+
+
+# Valley2.5 recipe configs: Qwen2-VL-7B ViT (16 heads, ffn 5120) + Qwen3-8B (36 layers, 32 / 8 heads, vocab 151936)
+VALLEY = dict(layers=36, heads=32, kv_heads=8, vocab=151936, vision_heads=16, vision_ffn=5120)
+
+
+def test_valley_recipe_configs():
+    """stage 1 (projector, from the composed import) -> stage 2 (full, from stage 1), layouts fit the sizes."""
+    one = load_config(os.path.join(ROOT, "examples", "configs", "valley2_5_stage1_projector.yaml"))
+    two = load_config(os.path.join(ROOT, "examples", "configs", "valley2_5_stage2_full.yaml"))
+    assert one.stage.name == "projector" and two.stage.name == "full"
+    assert os.path.normpath(two.model.init_from) == os.path.normpath(os.path.join(one.run_dir, "checkpoints"))
+    assert two.optimizer.lr < one.optimizer.lr and two.stage.lr_mult_vision < 1.0
+    for cfg in (one, two):
+        tp, pp = cfg.parallel.tp, cfg.parallel.pp
+        assert all(VALLEY[k] % tp == 0 for k in ("heads", "kv_heads", "vocab", "vision_heads", "vision_ffn"))
+        assert VALLEY["layers"] % pp == 0 and 8 % (tp * pp) == 0
+        assert cfg.train.global_batch_size % (8 // (tp * pp)) == 0

@@ -323,3 +323,10 @@ def compose_model(vision_from: str, llm_from: str, out: str, *, position_mode: s
         "num_tensors": len(shapes), "bytes": total, "dtype": config["dtype"], "position_mode": position_mode,
         "token_ids": token_ids, "files_from_llm": tok_files, "files_from_vision": vis_files,
     }
+
+
+def compose_from_options(vision_from: str, llm_from: str, out: str, *, position_mode: str = "mrope", seed: int = 0,
+                         dtype: str | None = None, max_shard_size: str = "5GB", progress: bool = True) -> dict:
+    """The family's ``FamilySpec.compose_hf``: :func:`compose_model` with the shard size as text ('5GB')."""
+    return compose_model(vision_from, llm_from, out, position_mode=position_mode, seed=seed, dtype=dtype,
+                         max_shard_bytes=parse_size(max_shard_size), progress=progress)
