@@ -10,7 +10,7 @@ import torch
 
 from mllm_mega.models.common.norm import TorchLayerNorm, TorchRMSNorm, TritonRMSNorm
 from mllm_mega.models.qwen2_vl.configuration import arch_from_hf_config
-from mllm_mega.models.qwen2_vl.model import build_model
+from mllm_mega.models.qwen2_vl.family import build_model
 from mllm_mega.models.qwen2_vl.tiny import tiny_hf_config_dict
 from mllm_mega.parallel.initialize import initialize_distributed
 
@@ -89,7 +89,7 @@ def test_mixed_precision_optimizer_keeps_fp32_grads_and_master_weights(tmp_path)
     """One real training step of a bf16 model through our DDP + optimizer setup (TP1, one rank)."""
     from mllm_mega.config import load_config
     from mllm_mega.models.qwen2_vl.inputs import random_inputs
-    from mllm_mega.models.qwen2_vl.model import pack_hf_batch
+    from mllm_mega.models.vlm import pack_hf_batch
     from mllm_mega.training import setup
     from mllm_mega.training.step import train_step
 

@@ -1,9 +1,9 @@
 """Context-parallel split and attention in one process (each CP rank simulated; the all-gather replaced by
-the concatenation of every rank's local keys): references are the unsplit pack and packed_attention_torch."""
+the concatenation of every rank's local keys): references are the unsplit pack and per-segment SDPA."""
 import pytest
 import torch
+import torch.nn.functional as F
 
-from mllm_mega.models.common.attention import packed_attention_torch
 from mllm_mega.models.common.context_parallel import cp_attention
 from mllm_mega.parallel.context import assign_media, make_shard, shard_batch, target_length
 
@@ -69,6 +69,22 @@ def _cp_outputs(q, k, v, cp, causal, kernels, cu):
     return out
 
 
+def packed_attention_sdpa(q, k, v, cu_seqlens, causal: bool, softmax_scale: float) -> torch.Tensor:
+    """Independent reference: torch's SDPA on each packed segment. q (T, Hq, D), k/v (T, Hkv, D)."""
+    out = torch.zeros_like(q)
+    groups = q.shape[1] // k.shape[1]
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end <= start:
+            continue
+        qs = q[start:end].transpose(0, 1)  # (Hq, L, D)
+        ks = k[start:end].transpose(0, 1).repeat_interleave(groups, dim=0)
+        vs = v[start:end].transpose(0, 1).repeat_interleave(groups, dim=0)
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=softmax_scale)
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
 @pytest.mark.parametrize("cp,causal,kernels,cu,heads", [
     (2, True, "torch", CU, (4, 2)), (3, True, "torch", CU, (4, 2)), (2, False, "torch", CU, (4, 2)),
     # the Triton kernel under the interpreter on CPU (~15 s): fewer segments and heads
@@ -79,7 +95,7 @@ def test_cp_attention_equals_unsplit_with_gradients(cp, causal, kernels, cu, hea
     q = torch.randn(total, heads[0], 8, generator=g, requires_grad=True)
     k = torch.randn(total, heads[1], 8, generator=g, requires_grad=True)
     v = torch.randn(total, heads[1], 8, generator=g, requires_grad=True)
-    ref = packed_attention_torch(q, k, v, cu, causal, 0.3)
+    ref = packed_attention_sdpa(q, k, v, cu, causal, 0.3)
     got = _cp_outputs(q, k, v, cp, causal, kernels, cu)
     # fp32, different key-set lengths per softmax: measured <= 3e-7
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)

@@ -4,7 +4,8 @@ import torch
 
 from mllm_mega.models.qwen2_vl.configuration import arch_from_hf_config
 from mllm_mega.models.qwen2_vl.inputs import random_inputs
-from mllm_mega.models.qwen2_vl.model import build_model, pack_hf_batch
+from mllm_mega.models.qwen2_vl.family import build_model
+from mllm_mega.models.vlm import pack_hf_batch
 from mllm_mega.models.common.layer_spec import resolve_kernels
 from mllm_mega.models.qwen2_vl.tiny import tiny_hf_config_dict
 from mllm_mega.parallel.initialize import initialize_distributed

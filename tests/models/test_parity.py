@@ -5,7 +5,8 @@ import torch
 from mllm_mega.models.qwen2_vl.configuration import arch_from_hf_config
 from mllm_mega.models.qwen2_vl.hf_adapter import hf_to_ours, normalize_hf_key, ours_to_hf
 from mllm_mega.models.qwen2_vl.inputs import CASES, random_inputs
-from mllm_mega.models.qwen2_vl.model import build_model, pack_hf_batch
+from mllm_mega.models.qwen2_vl.family import build_model
+from mllm_mega.models.vlm import pack_hf_batch
 from mllm_mega.models.qwen2_vl.tiny import build_tiny_hf_model, tiny_hf_config_dict
 from mllm_mega.parallel.initialize import initialize_distributed
 from tests.conftest import run_cmd

@@ -7,7 +7,8 @@ import torch.distributed as dist
 
 from mllm_mega.models.qwen2_vl.configuration import ParallelLayout, arch_from_hf_config
 from mllm_mega.models.qwen2_vl.inputs import random_inputs
-from mllm_mega.models.qwen2_vl.model import build_model, pack_hf_batch
+from mllm_mega.models.qwen2_vl.family import build_model
+from mllm_mega.models.vlm import pack_hf_batch
 from mllm_mega.parallel.initialize import initialize_distributed
 from mllm_mega.training import checkpointing as ckpt
 

@@ -9,7 +9,7 @@ import torch
 from mllm_mega.checkpoint.io import load_full_model, resolve_checkpoint, tensor_state
 from mllm_mega.checkpoint.graft import graft_vision
 from mllm_mega.models.qwen2_vl.inputs import random_inputs
-from mllm_mega.models.qwen2_vl.model import pack_hf_batch
+from mllm_mega.models.vlm import pack_hf_batch
 from tests.conftest import run_cmd
 from tests.tools.conftest import assert_nothing_written, load_tool
 

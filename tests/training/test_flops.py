@@ -3,7 +3,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mllm_mega.models.qwen2_vl.configuration import arch_from_hf_config
-from mllm_mega.models.qwen2_vl.model import build_model
+from mllm_mega.models.qwen2_vl.family import build_model
 from mllm_mega.models.qwen2_vl.tiny import tiny_hf_config_dict
 from mllm_mega.parallel.initialize import initialize_distributed
 from mllm_mega.models.qwen2_vl.flops import llm_forward_flops, vision_forward_flops

@@ -133,7 +133,7 @@ def test_dp2_equals_dp1_for_the_same_global_batch(runs):
 def _weights(path, cfg_path, run_dir):
     """Full (TP1) model state dict of a checkpoint, loaded in this process."""
     from mllm_mega.config import load_config
-    from mllm_mega.models.qwen2_vl.model import build_model
+    from mllm_mega.models.qwen2_vl.family import build_model
     from mllm_mega.data.text import TextProcessor
     from mllm_mega.parallel.initialize import initialize_distributed
     from mllm_mega.training import checkpointing as ckpt

@@ -6,7 +6,8 @@ ids carried in :class:`PackedSeqParamsWithRope`, so the same slot serves the LLM
 (2D RoPE, non-causal, window/full segments chosen per layer), and one Triton kernel can fuse the angles.
 
 Two implementations, chosen once in the layer spec (``kernels: torch | triton``):
-- :class:`TorchPackedAttention`: plain torch, exact fp32-capable; used on CPU and as the reference.
+- :class:`TorchPackedAttention`: the kernels' plain-torch fp32 specifications (``apply_rope_ref``,
+  ``varlen_attention_ref``), so the CPU path and the reference are one code; used on CPU.
 - :class:`TritonPackedAttention`: ``mllm_mega.kernels`` varlen attention + fused RoPE.
 """
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -51,42 +51,6 @@ def make_packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int, position_i
     )
 
 
-def rope_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor, sections) -> torch.Tensor:
-    """(tokens, head_dim//2) fp32 angles: theta_j = pos[c(j)] * inv_freq[j]."""
-    rows = torch.repeat_interleave(
-        torch.arange(len(sections), device=position_ids.device),
-        torch.tensor(list(sections), device=position_ids.device),
-    )  # (head_dim//2,) which position row each frequency reads
-    pos = position_ids.float()[rows]  # (head_dim//2, tokens)
-    return pos.t() * inv_freq.float().to(position_ids.device)
-
-
-def apply_rope_torch(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE in fp32. x (tokens, heads, head_dim); angles (tokens, head_dim//2)."""
-    emb = torch.cat([angles, angles], dim=-1)[:, None, :]
-    cos, sin = emb.cos(), emb.sin()
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
-
-
-def packed_attention_torch(q, k, v, cu_seqlens, causal: bool, softmax_scale: float) -> torch.Tensor:
-    """Attention restricted to each packed segment. q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D)."""
-    out = torch.empty_like(q)
-    groups = q.shape[1] // k.shape[1]
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end <= start:
-            continue
-        qs = q[start:end].transpose(0, 1)  # (Hq, L, D)
-        ks = k[start:end].transpose(0, 1).repeat_interleave(groups, dim=0)
-        vs = v[start:end].transpose(0, 1).repeat_interleave(groups, dim=0)
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=softmax_scale)
-        out[start:end] = o.transpose(0, 1)
-    return out
-
-
 class _PackedAttentionBase(MegatronModule):
     def __init__(self, config, layer_number, attn_mask_type, attention_type="self", attention_dropout=None,
                  softmax_scale=None, cp_comm_type=None, pg_collection=None, **kwargs):
@@ -114,19 +78,23 @@ class _PackedAttentionBase(MegatronModule):
 
 
 class TorchPackedAttention(_PackedAttentionBase):
-    """Plain-torch packed attention + RoPE (the CPU path and the reference)."""
+    """Plain-torch packed attention + RoPE: the kernels' references (the CPU path)."""
 
     kernels = "torch"
 
     def _rotate(self, q, k, p):  # context parallel: the CP path rotates before its K/V all-gather
-        angles = rope_angles(p.rope_position_ids, p.rope_inv_freq, p.rope_sections)
-        return apply_rope_torch(q, angles), apply_rope_torch(k, angles)
+        from mllm_mega.kernels.rope import apply_rope_ref
+
+        return (apply_rope_ref(q, p.rope_position_ids, p.rope_inv_freq, p.rope_sections),
+                apply_rope_ref(k, p.rope_position_ids, p.rope_inv_freq, p.rope_sections))
 
     def _attend(self, q, k, v, p):
+        from mllm_mega.kernels.varlen_attention import varlen_attention_ref
+
         if p.rope_position_ids is not None:
-            angles = rope_angles(p.rope_position_ids, p.rope_inv_freq, p.rope_sections)
-            q, k = apply_rope_torch(q, angles), apply_rope_torch(k, angles)
-        return packed_attention_torch(q, k, v, p.cu_seqlens_q, self.causal, self.softmax_scale)
+            q, k = self._rotate(q, k, p)
+        return varlen_attention_ref(q, k, v, p.cu_seqlens_q, p.cu_seqlens_kv, p.max_seqlen_q, p.max_seqlen_kv,
+                                    softmax_scale=self.softmax_scale, causal=self.causal)
 
 
 class TritonPackedAttention(_PackedAttentionBase):

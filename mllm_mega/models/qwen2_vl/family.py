@@ -68,6 +68,19 @@ def graft_hf_config(vision_cfg: dict, llm_cfg: dict) -> dict:
     return out
 
 
+def build_model(arch, layout=None, **kwargs):
+    """This rank's stage: the generic :mod:`mllm_mega.models.vlm` with the Qwen2-VL ViT encoder and the 2x2
+    patch merger as its parts (``kwargs``: :func:`mllm_mega.models.vlm.build_stage`'s kernels, params_dtype,
+    recompute_vision, recompute_llm)."""
+    from mllm_mega.models.encoders.qwen2_vit import build_encoder
+    from mllm_mega.models.projectors.patch_merger import build_projector
+    from mllm_mega.models.qwen2_vl.configuration import to_transformer_configs
+    from mllm_mega.models.vlm import build_stage
+
+    return build_stage(arch, layout, to_configs=to_transformer_configs, make_encoder=build_encoder,
+                       make_projector=build_projector, **kwargs)
+
+
 def make_spec(name: str, *, hf_architectures: tuple[str, ...], hf_model_types: tuple[str, ...],
               **overrides) -> FamilySpec:
     """The spec of a Qwen2-VL-style family; ``overrides`` replace fields (e.g. a family with the same towers
@@ -83,7 +96,7 @@ def make_spec(name: str, *, hf_architectures: tuple[str, ...], hf_model_types: t
         hf_architectures=hf_architectures,
         hf_model_types=hf_model_types,
         parse_hf_config=lazy(f"{_PKG}.configuration:arch_from_hf_config"),
-        build_stage=lazy(f"{_PKG}.model:build_model"),
+        build_stage=build_model,
         key_map=lazy(f"{_PKG}.hf_adapter:key_map"),
         hf_to_ours=lazy(f"{_PKG}.hf_adapter:hf_to_ours"),
         ours_to_hf=lazy(f"{_PKG}.hf_adapter:ours_to_hf"),
@@ -91,7 +104,7 @@ def make_spec(name: str, *, hf_architectures: tuple[str, ...], hf_model_types: t
         hf_key_is_known=lazy(f"{_PKG}.hf_adapter:hf_key_pattern_is_known"),
         loader_options=loader_options,
         eval_options=eval_options,
-        pack_hf_batch=lazy(f"{_PKG}.model:pack_hf_batch"),
+        pack_hf_batch=lazy("mllm_mega.models.vlm:pack_hf_batch"),
         verify_inputs=verify_inputs,
         pack_flops=lazy(f"{_PKG}.flops:pack_flops"),
         module_groups=module_groups,

@@ -6,7 +6,7 @@ import torch
 
 from mllm_mega.models.llms.qwen import llm_forward_flops as _llm_flops
 from mllm_mega.models.qwen2_vl.configuration import ModelArch
-from mllm_mega.models.qwen2_vl.vision import frame_cu_seqlens, window_partition
+from mllm_mega.models.encoders.qwen2_vit import frame_cu_seqlens, window_partition
 
 
 def _seg_lens(cu: torch.Tensor) -> list[int]:

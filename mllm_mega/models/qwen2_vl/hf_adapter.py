@@ -2,7 +2,7 @@
 
 HF side: the names on disk (hub checkpoints, what transformers saves): ``visual.*``, ``model.*``, ``lm_head``.
 transformers 5.x in-memory names (``model.visual.*``, ``model.language_model.*``) are accepted on input.
-Our side: the full (TP=1, PP=1) parameter names of :class:`~mllm_mega.models.qwen2_vl.model.Qwen2VLModel`;
+Our side: the full (TP=1, PP=1) parameter names of :class:`~mllm_mega.models.vlm.VisionLanguageModel`;
 megatron's sharded state dict takes care of splitting them over TP/PP.
 
 Layout changes: megatron's fused QKV interleaves heads per query group ([q of the group, k, v] for each KV

@@ -96,7 +96,7 @@ def arch_from_hf_config(cfg: dict) -> ValleyArch:
 def pack_hf_batch(arch: ValleyArch, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
                   second_per_grid_ts=None, pad_to_multiple: int = 1):
     """Qwen2-VL's packing; in ``1d`` mode the positions are 0..n-1 over each sample's real tokens."""
-    from mllm_mega.models.qwen2_vl.model import pack_hf_batch as qwen2_vl_pack
+    from mllm_mega.models.vlm import pack_hf_batch as qwen2_vl_pack
 
     ids, pos, cu, index = qwen2_vl_pack(arch, input_ids, attention_mask, image_grid_thw, video_grid_thw,
                                         None, pad_to_multiple)  # Qwen2-VL: no absolute-time video ids

@@ -1,5 +1,15 @@
-"""Qwen2-VL / Qwen2.5-VL on megatron-core: vision tower + merger on the first pipeline stage, Qwen2 LLM
-(megatron ``GPTModel`` with our packed-attention/MRoPE layer spec) across all stages.
+"""The generic vision-language model on megatron-core, written once: vision encoder -> projector on the first
+pipeline stage, the LLM (megatron ``GPTModel`` with our packed-attention/MRoPE layer spec) across all stages,
+the embedding scatter of the vision features at the placeholder tokens and the pipeline plumbing.
+
+The encoder and the projector are parts, built from the arch by factory functions a family passes to
+:func:`build_stage` (Qwen2-VL / Qwen2.5-VL: :func:`mllm_mega.models.encoders.qwen2_vit.build_encoder` and
+:func:`mllm_mega.models.projectors.patch_merger.build_projector`), so another encoder or projector plugs in
+without editing this file. An encoder factory is ``(arch, vision_config, make_projector, *, kernels)`` and
+returns a module ``(pixel_values, grid_thw) -> (num_merged_tokens, llm_hidden)`` holding the projector that
+``make_projector()`` builds; a projector factory is ``(arch, vision_config, *, kernels)``. The arch supplies
+``vision.spatial_merge_size`` (placeholders per ``grid_thw`` row: ``t*h*w / merge**2``),
+``image_token_id``/``video_token_id`` and ``text`` (the LLM arch).
 
 The forward works on one packed (THD) sequence: ``input_ids`` (T,), MRoPE ``position_ids`` (3, T) restarting
 per packed sample, ``cu_seqlens`` bounding the samples (causal attention never crosses them), plus the
@@ -15,16 +25,16 @@ from megatron.core.transformer.module import MegatronModule
 
 from mllm_mega.models.common.attention import make_packed_seq_params
 from mllm_mega.models.llms.qwen import build_language_model, rope_inv_freq
-from mllm_mega.models.qwen2_vl.configuration import ModelArch, ParallelLayout, Recompute, to_transformer_configs
+from mllm_mega.models.layout import ParallelLayout
 from mllm_mega.models.positions import get_rope_index
 from mllm_mega.models.common.layer_spec import resolve_kernels
-from mllm_mega.models.qwen2_vl.vision import VisionTransformer
 
 
-class Qwen2VLModel(MegatronModule):
-    """One pipeline stage of the model (the whole model when PP=1)."""
+class VisionLanguageModel(MegatronModule):
+    """One pipeline stage of the model (the whole model when PP=1); ``make_encoder``/``make_projector``: the
+    part factories (see the module docstring), used on the first stage only."""
 
-    def __init__(self, arch: ModelArch, vision_config, llm_config, *, kernels: str = "torch",
+    def __init__(self, arch, vision_config, llm_config, *, make_encoder, make_projector, kernels: str = "torch",
                  pre_process: bool = True, post_process: bool = True):
         super().__init__(config=llm_config)
         from megatron.core.enums import ModelType
@@ -34,7 +44,10 @@ class Qwen2VLModel(MegatronModule):
         self.pre_process, self.post_process = pre_process, post_process
         kernels = resolve_kernels(kernels)
         self.kernels = kernels
-        self.vision = VisionTransformer(vision_config, arch.vision, kernels=kernels) if pre_process else None
+        self.vision = None
+        if pre_process:
+            self.vision = make_encoder(arch, vision_config,
+                                       lambda: make_projector(arch, vision_config, kernels=kernels), kernels=kernels)
         self.language_model = build_language_model(arch.text, llm_config, kernels=kernels,
                                                    pre_process=pre_process, post_process=post_process)
         self.register_buffer("rope_inv_freq", rope_inv_freq(arch.text), persistent=False)
@@ -102,29 +115,32 @@ class Qwen2VLModel(MegatronModule):
         return out
 
 
-def build_model(arch: ModelArch, layout: ParallelLayout | None = None, *, kernels: str = "torch",
-                params_dtype=torch.float32, recompute_vision: Recompute | None = None,
-                recompute_llm: Recompute | None = None) -> Qwen2VLModel:
+def build_stage(arch, layout: ParallelLayout | None = None, *, to_configs, make_encoder, make_projector,
+                kernels: str = "torch", params_dtype=torch.float32, recompute_vision=None,
+                recompute_llm=None) -> VisionLanguageModel:
     """Build this rank's stage of the model (megatron's parallel_state must be initialised).
 
-    ``params_dtype`` bf16 gives a model whose every parameter is bf16 (fp32 master weights are the
-    optimizer's); ``recompute_*`` set activation recomputation per tower (see ``Recompute``)."""
+    ``to_configs``: the family's ``(arch, layout, *, params_dtype, use_cpu_initialization, recompute_vision,
+    recompute_llm) -> (vision TransformerConfig, LLM TransformerConfig)``. ``params_dtype`` bf16 gives a model
+    whose every parameter is bf16 (fp32 master weights are the optimizer's); ``recompute_*`` set activation
+    recomputation per tower (see ``Recompute``)."""
     layout = layout or ParallelLayout(
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
     )
-    vision_cfg, llm_cfg = to_transformer_configs(arch, layout, params_dtype=params_dtype,
+    vision_cfg, llm_cfg = to_configs(arch, layout, params_dtype=params_dtype,
                                                  use_cpu_initialization=not torch.cuda.is_available(),
                                                  recompute_vision=recompute_vision, recompute_llm=recompute_llm)
     pre = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     post = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    model = Qwen2VLModel(arch, vision_cfg, llm_cfg, kernels=kernels, pre_process=pre, post_process=post)
+    model = VisionLanguageModel(arch, vision_cfg, llm_cfg, make_encoder=make_encoder, make_projector=make_projector,
+                                kernels=kernels, pre_process=pre, post_process=post)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
 
 
-def pack_hf_batch(arch: ModelArch, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
+def pack_hf_batch(arch, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
                   second_per_grid_ts=None, pad_to_multiple: int = 1):
     """Pack a padded HF batch (B, S) into one THD sequence.
 

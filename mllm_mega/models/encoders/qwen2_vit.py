@@ -1,26 +1,23 @@
-"""NaViT vision tower of Qwen2-VL / Qwen2.5-VL on megatron-core layers, with native tensor parallelism.
+"""NaViT vision encoder of Qwen2-VL / Qwen2.5-VL on megatron-core layers, with native tensor parallelism.
 
 As in the Qwen2.5-VL report: patches of 14 px over 2 frames (a still image is two identical frames), 2D RoPE
 over the (h, w) patch coordinates, window attention over 112 px windows (8x8 patches = 4x4 merged units) in
-all layers but ``fullatt_block_indexes`` (which attend over whole frames), and an MLP merger of 2x2 patches
-into the LLM width. Qwen2-VL has no windows (every layer attends over whole frames), LayerNorm and a
+all layers but ``fullatt_block_indexes`` (which attend over whole frames); the projector (a part, e.g.
+:mod:`mllm_mega.models.projectors.patch_merger`) maps each merged unit into the LLM width. Qwen2-VL has no windows (every layer attends over whole frames), LayerNorm and a
 QuickGELU MLP. All attention is non-causal and packed (THD): many images of any size form one sequence.
 
-Tensor parallelism: attention heads, MLP and the merger are split over the TP group; the patch embedding and
+Tensor parallelism: attention heads and MLP are split over the TP group; the patch embedding and
 norms are replicated; activations are replicated (no sequence parallelism in the ViT).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from torch import nn
 
 from mllm_mega.models.common.attention import make_packed_seq_params
-from mllm_mega.models.common.norm import TorchLayerNorm, TorchRMSNorm, TritonRMSNorm
-from mllm_mega.models.qwen2_vl.configuration import VisionArch
 from mllm_mega.models.common.layer_spec import layer_spec
 
 
@@ -67,34 +64,16 @@ def window_partition(grid_thw: torch.Tensor, merge: int, window_units: int):
     return window_index, cu
 
 
-class PatchMerger(MegatronModule):
-    """norm -> group 2x2 patches -> Linear -> GELU -> Linear (column/row parallel)."""
-
-    def __init__(self, config, arch: VisionArch, kernels: str = "torch"):
-        super().__init__(config=config)
-        unit = arch.spatial_merge_size ** 2
-        self.merged_size = arch.hidden_size * unit
-        # the same kernel switch as the layer specs (LayerNorm has no Triton kernel: torch's either way)
-        rms_cls = TritonRMSNorm if kernels == "triton" else TorchRMSNorm
-        norm_cls = rms_cls if arch.norm == "rmsnorm" else TorchLayerNorm
-        self.ln_q = norm_cls(config, hidden_size=arch.hidden_size, eps=1e-6)
-        self.fc1 = ColumnParallelLinear(self.merged_size, self.merged_size, config=config,
-                                        init_method=config.init_method, bias=True, gather_output=False)
-        self.fc2 = RowParallelLinear(self.merged_size, arch.out_hidden_size, config=config,
-                                     init_method=config.output_layer_init_method, bias=True,
-                                     input_is_parallel=True, skip_bias_add=False)
-
-    def forward(self, x):  # x (num_patches, hidden) -> (num_patches / unit, out_hidden)
-        x = self.ln_q(x).view(-1, self.merged_size)
-        x, _ = self.fc1(x)
-        x, _ = self.fc2(F.gelu(x))
-        return x
-
-
 class VisionTransformer(MegatronModule):
-    """Patch embedding, megatron transformer layers with packed (window / frame) attention, patch merger."""
+    """Patch embedding, megatron transformer layers with packed (window / frame) attention, then the projector.
 
-    def __init__(self, config, arch: VisionArch, kernels: str = "torch"):
+    ``arch``: the vision arch (``VisionArch``); ``make_projector()`` builds the projector, a module mapping
+    (num_patches, hidden) in the processor's patch order to (num_merged_units, out_hidden). It is held as the
+    ``merger`` child so that checkpoints keep the keys ``vision.merger.*``, and built after the layers so that
+    a seeded initialisation draws as before; with windows its output is put back in processor order here, per
+    merged unit."""
+
+    def __init__(self, config, arch, make_projector, kernels: str = "torch"):
         super().__init__(config=config)
         self.arch = arch
         self.merge = arch.spatial_merge_size
@@ -104,7 +83,7 @@ class VisionTransformer(MegatronModule):
         self.layers = nn.ModuleList(
             [build_module(spec, config=config, layer_number=i + 1) for i in range(arch.depth)]
         )
-        self.merger = PatchMerger(config, arch, kernels=kernels)
+        self.merger = make_projector()
         quarter = arch.head_dim // 4
         f = 1.0 / (arch.rope_theta ** (torch.arange(0, 2 * quarter, 2, dtype=torch.float) / (2 * quarter)))
         self.register_buffer("rope_inv_freq", torch.cat([f, f]), persistent=False)
@@ -186,6 +165,11 @@ class VisionTransformer(MegatronModule):
                 out.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
                                                       tp_group=tp_group))
         return out
+
+
+def build_encoder(arch, vision_config, make_projector, *, kernels: str = "torch") -> VisionTransformer:
+    """The encoder part of :mod:`mllm_mega.models.vlm` (``arch``: the whole ModelArch)."""
+    return VisionTransformer(vision_config, arch.vision, make_projector, kernels=kernels)
 
 
 def _max_len(cu: torch.Tensor) -> int:
