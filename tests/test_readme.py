@@ -37,7 +37,7 @@ COVERED = {
     "bash examples/train_tiny.sh": (
         "tests/training/test_main_job.py", ['"examples/train_tiny.sh"'],
         "the same script with size overrides (4 steps, 200 samples, own data dir): the README's 400-step run takes "
-        "about 4 minutes on 2 cores"),
+        "about 9 minutes on a 2-core VM"),
     "torchrun --nproc_per_node=N -m mllm_mega.train --config examples/configs/X.yaml [dotted.key=value ...]": (
         "examples/train_tiny.sh", ["--nproc_per_node=2 -m mllm_mega.train", "--config examples/configs/"],
         "synopsis; its instance is the main job's script, run by tests/training/test_main_job.py"),
