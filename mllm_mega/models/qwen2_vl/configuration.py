@@ -97,6 +97,32 @@ def _need(cfg: dict, key: str, where: str):
     return cfg[key]
 
 
+def qwen2_vl_vision_arch(vis: dict, out_hidden: int) -> VisionArch:
+    """The Qwen2-VL NaViT ViT (LayerNorm, quick-GELU MLP, no windows) of a ``vision_config`` dict;
+    ``out_hidden``: the merger's output width when the config does not give ``hidden_size``."""
+    embed_dim = _need(vis, "embed_dim", "vision_config.")
+    vrope = vis.get("rope_parameters") or {}
+    vision = VisionArch(
+        depth=_need(vis, "depth", "vision_config."),
+        hidden_size=embed_dim,
+        ffn_hidden_size=int(embed_dim * vis.get("mlp_ratio", 4)),
+        num_heads=_need(vis, "num_heads", "vision_config."),
+        out_hidden_size=vis.get("hidden_size", out_hidden),
+        patch_size=vis.get("patch_size", 14),
+        temporal_patch_size=vis.get("temporal_patch_size", 2),
+        spatial_merge_size=vis.get("spatial_merge_size", 2),
+        in_channels=vis.get("in_channels", vis.get("in_chans", 3)),
+        hidden_act=vis.get("hidden_act", "quick_gelu"),
+        window_size=None,
+        rope_theta=float(vrope.get("rope_theta", 10000.0)),
+        norm="layernorm",
+        gated_mlp=False,
+    )
+    if vision.hidden_act != "quick_gelu":
+        raise ValueError(f"config.json: vision_config.hidden_act {vision.hidden_act!r} not supported (quick_gelu)")
+    return vision
+
+
 def arch_from_hf_config(cfg: dict) -> ModelArch:
     """Parse a HF Qwen2-VL / Qwen2.5-VL ``config.json`` dict (nested ``text_config`` or flat, 4.x style)."""
     archs = cfg.get("architectures") or []
@@ -137,25 +163,7 @@ def arch_from_hf_config(cfg: dict) -> ModelArch:
         if vision.hidden_act != "silu":
             raise ValueError(f"config.json: vision_config.hidden_act {vision.hidden_act!r} not supported (silu)")
     else:
-        embed_dim = _need(vis, "embed_dim", "vision_config.")
-        vision = VisionArch(
-            depth=_need(vis, "depth", "vision_config."),
-            hidden_size=embed_dim,
-            ffn_hidden_size=int(embed_dim * vis.get("mlp_ratio", 4)),
-            num_heads=_need(vis, "num_heads", "vision_config."),
-            out_hidden_size=vis.get("hidden_size", hidden),
-            patch_size=vis.get("patch_size", 14),
-            temporal_patch_size=vis.get("temporal_patch_size", 2),
-            spatial_merge_size=vis.get("spatial_merge_size", 2),
-            in_channels=vis.get("in_channels", vis.get("in_chans", 3)),
-            hidden_act=vis.get("hidden_act", "quick_gelu"),
-            window_size=None,
-            rope_theta=float(vrope.get("rope_theta", 10000.0)),
-            norm="layernorm",
-            gated_mlp=False,
-        )
-        if vision.hidden_act != "quick_gelu":
-            raise ValueError(f"config.json: vision_config.hidden_act {vision.hidden_act!r} not supported")
+        vision = qwen2_vl_vision_arch(vis, hidden)
     return ModelArch(
         family=family,
         vision=vision,

@@ -15,7 +15,7 @@ import torch
 
 from mllm_mega.models.llms.qwen import text_arch_from_hf
 from mllm_mega.models.positions import sequential_position_ids
-from mllm_mega.models.qwen2_vl.configuration import ModelArch, VisionArch
+from mllm_mega.models.qwen2_vl.configuration import ModelArch, qwen2_vl_vision_arch
 
 POSITION_MODES = ("mrope", "1d")
 ARCHITECTURE = "ValleyForConditionalGeneration"
@@ -65,26 +65,7 @@ def arch_from_hf_config(cfg: dict) -> ValleyArch:
     text_cfg["rope_parameters"] = rope
     tie = bool(cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False)))
     text = text_arch_from_hf(text_cfg, kind="qwen3", tie=tie)
-    embed_dim = _need(vis, "embed_dim", "vision_config.")
-    vrope = vis.get("rope_parameters") or {}
-    vision = VisionArch(
-        depth=_need(vis, "depth", "vision_config."),
-        hidden_size=embed_dim,
-        ffn_hidden_size=int(embed_dim * vis.get("mlp_ratio", 4)),
-        num_heads=_need(vis, "num_heads", "vision_config."),
-        out_hidden_size=vis.get("hidden_size", text.hidden_size),
-        patch_size=vis.get("patch_size", 14),
-        temporal_patch_size=vis.get("temporal_patch_size", 2),
-        spatial_merge_size=vis.get("spatial_merge_size", 2),
-        in_channels=vis.get("in_channels", vis.get("in_chans", 3)),
-        hidden_act=vis.get("hidden_act", "quick_gelu"),
-        window_size=None,
-        rope_theta=float(vrope.get("rope_theta", 10000.0)),
-        norm="layernorm",
-        gated_mlp=False,
-    )
-    if vision.hidden_act != "quick_gelu":
-        raise ValueError(f"config.json: vision_config.hidden_act {vision.hidden_act!r} not supported (quick_gelu)")
+    vision = qwen2_vl_vision_arch(vis, text.hidden_size)
     return ValleyArch(
         family="valley", vision=vision, text=text,
         image_token_id=_need(cfg, "image_token_id", ""), video_token_id=_need(cfg, "video_token_id", ""),
