@@ -24,13 +24,13 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
 from mllm_mega.models.common.attention import make_packed_seq_params
-from mllm_mega.models.llms.qwen import build_language_model, rope_inv_freq
+from mllm_mega.models.llms.qwen import LanguageModelStage, build_language_model, rope_inv_freq
 from mllm_mega.models.layout import ParallelLayout
 from mllm_mega.models.positions import get_rope_index
 from mllm_mega.models.common.layer_spec import resolve_kernels
 
 
-class VisionLanguageModel(MegatronModule):
+class VisionLanguageModel(LanguageModelStage, MegatronModule):
     """One pipeline stage of the model (the whole model when PP=1); ``make_encoder``/``make_projector``: the
     part factories (see the module docstring), used on the first stage only."""
 
@@ -52,15 +52,6 @@ class VisionLanguageModel(MegatronModule):
                                                    pre_process=pre_process, post_process=post_process)
         self.register_buffer("rope_inv_freq", rope_inv_freq(arch.text), persistent=False)
         self.share_embeddings_and_output_weights = arch.text.tie_word_embeddings
-
-    # --- pipeline plumbing -------------------------------------------------------------------------
-    def set_input_tensor(self, input_tensor):
-        if isinstance(input_tensor, (list, tuple)):
-            input_tensor = input_tensor[0]
-        self.language_model.set_input_tensor(input_tensor)
-
-    def shared_embedding_or_output_weight(self):
-        return self.language_model.shared_embedding_or_output_weight()
 
     # --- forward -----------------------------------------------------------------------------------
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,

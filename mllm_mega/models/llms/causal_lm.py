@@ -15,7 +15,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 
 from mllm_mega.models.llms.qwen import (
-    TextArch, build_language_model, llm_key_pairs, llm_transformer_config, qkv_from_megatron, qkv_to_megatron,
+    LanguageModelStage, TextArch, build_language_model, llm_key_pairs, llm_transformer_config, qkv_from_megatron, qkv_to_megatron,
     rope_inv_freq, text_arch_from_hf,
 )
 
@@ -59,7 +59,7 @@ def check_layout(arch: LMArch, layout, *, params_dtype=torch.float32, use_cpu_in
     return llm_transformer_config(arch.text, layout, common, recompute_llm)
 
 
-class CausalLM(MegatronModule):
+class CausalLM(LanguageModelStage, MegatronModule):
     """One pipeline stage of a text-only LLM (the whole model when PP=1)."""
 
     def __init__(self, arch: LMArch, llm_config, *, kernels: str, pre_process: bool, post_process: bool):
@@ -74,14 +74,6 @@ class CausalLM(MegatronModule):
                                                    pre_process=pre_process, post_process=post_process)
         self.register_buffer("rope_inv_freq", rope_inv_freq(arch.text), persistent=False)
         self.share_embeddings_and_output_weights = arch.text.tie_word_embeddings
-
-    def set_input_tensor(self, input_tensor):
-        if isinstance(input_tensor, (list, tuple)):
-            input_tensor = input_tensor[0]
-        self.language_model.set_input_tensor(input_tensor)
-
-    def shared_embedding_or_output_weight(self):
-        return self.language_model.shared_embedding_or_output_weight()
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen=None, pixel_values=None,
                 image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, context_parallel=None):

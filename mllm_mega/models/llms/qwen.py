@@ -243,3 +243,16 @@ def llm_forward_flops(t: TextArch, segment_lens: list[int], *, causal: bool = Tr
     attention = 4 * pairs * t.num_heads * hd  # QK^T and AV
     head = 2 * t.hidden_size * t.vocab_size * tokens
     return {"linear": float(t.num_layers * per_token * tokens + head), "attention": float(t.num_layers * attention)}
+
+
+class LanguageModelStage:
+    """Pipeline plumbing megatron's schedules call on a stage whose LLM is ``self.language_model`` (a GPTModel
+    stage): the received activation goes to the LLM; the tied embedding/output weight is the LLM's."""
+
+    def set_input_tensor(self, input_tensor):
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.language_model.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
