@@ -18,6 +18,7 @@ from typing import Any
 
 from mllm_mega.data.config import DataConfig
 from mllm_mega.models.registry import tiny_arch_names
+from mllm_mega.objectives.config import ObjectiveConfig
 
 KERNELS = ("auto", "torch", "triton")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -295,6 +296,17 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+
+    def __post_init__(self):
+        o = self.objective
+        if o.name == "preference" and self.parallel.cp > 1:
+            raise ValueError("objective.name=preference does not support context parallel (parallel.cp="
+                             f"{self.parallel.cp}): use parallel.cp=1")
+        if o.name == "preference" and o.reference == "resident" and self.parallel.pp > 1:
+            raise ValueError(f"objective.reference=resident needs parallel.pp=1 (got {self.parallel.pp}): the "
+                             "reference forward is not pipelined; precompute the reference log-probs "
+                             "(tools/precompute_ref_logps.py) and set objective.reference=precomputed")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -306,7 +318,7 @@ SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
 def _section_class(name: str):
     return {"model": ModelConfig, "parallel": ParallelConfig, "stage": StageConfig, "train": TrainConfig,
             "optimizer": OptimizerConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig,
-            "synthetic": SyntheticConfig, "data": DataConfig}.get(name)
+            "synthetic": SyntheticConfig, "data": DataConfig, "objective": ObjectiveConfig}.get(name)
 
 
 def _valid_keys() -> list[str]:

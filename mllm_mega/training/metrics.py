@@ -82,9 +82,14 @@ class MetricsLogger:
             recent = self._step_times[-20:]
             eta = (self.max_steps - it) * sum(recent) / len(recent)
             mfu = f" mfu {record['mfu'] * 100:.1f}%" if record.get("mfu") is not None else ""
+            pref = (f" | reward acc {record['rewards_accuracy']:.3f} margin {record['rewards_margin']:.4f} chosen "
+                    f"{record['rewards_chosen']:.4f} rejected {record['rewards_rejected']:.4f} delta "
+                    f"{record['bco_delta']:.4f} | pref {record['loss_preference']:.4f} qual "
+                    f"{record['loss_quality']:.4f} gen {record['loss_generation']:.4f}"
+                    if "rewards_accuracy" in record else "")  # the preference objective's metrics
             skips = ",".join(f"{k}={v}" for k, v in sorted(record.get("skipped_samples", {}).items())) or "0"
             print(
-                f"[train] iter {it}/{self.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+                f"[train] iter {it}/{self.max_steps} | loss {record['loss']:.4f}{pref} | lr {record['lr']:.3e} | "
                 f"grad_norm {record['grad_norm']:.3f} | tokens/s/gpu {record['tokens_per_s_per_gpu']:.0f} | "
                 f"tflops/gpu {record['tflops_per_gpu']:.3f}{mfu} | peak_mem {record['peak_mem_gb']:.2f} GB | "
                 f"nan_skipped_steps {record['nan_skipped_steps']} | skipped_samples {skips} | "

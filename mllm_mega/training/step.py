@@ -1,5 +1,9 @@
 """One optimizer step: micro-batches through megatron's pipeline schedule, globally normalised loss, NaN guard.
 
+The objective (mllm_mega/objectives: next-token, preference) supplies the forward step and loss function that
+megatron's schedule runs (Megatron-Bridge's pluggable ``forward_step_func``); this file owns what every
+objective shares: the schedule, the NaN guard and the optimizer step.
+
 Loss normalisation (InternVL2.5's reweighting, loss = sum(w * l) / sum(w)): the denominator is the sum of
 the loss weights of the whole global batch — every micro-batch on every data-parallel rank — computed before
 the forward passes, so each micro-batch contributes ``sum(w * l) / W_global`` and megatron only sums
@@ -12,8 +16,6 @@ import math
 
 import torch
 import torch.distributed as dist
-
-from mllm_mega.training.loss import weighted_loss_sum
 
 _CAT_KEYS = ("input_ids", "labels", "loss_weights")
 _VISION = (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw"))
@@ -40,7 +42,32 @@ def concat_packs(packs: list[dict]) -> dict:
     for k in ("num_real_tokens", "num_samples", "num_images", "num_videos"):
         out[k] = sum(int(p.get(k, 0)) for p in packs)
     out["sample_keys"] = [key for p in packs for key in p.get("sample_keys", [])]
+    _concat_pairs(packs, out)
     return out
+
+
+def _concat_pairs(packs: list[dict], out: dict) -> None:
+    """Preference packs: ``pair_segments`` index the pack's cu_seqlens segments and the feature indices its
+    images / videos, so each pack's indices move by the segments / media of the packs before it (the classic
+    packed-DPO bug is chosen/rejected offsets that do not follow the concatenation)."""
+    if not any("pair_segments" in p for p in packs):
+        return
+    if not all("pair_segments" in p for p in packs):
+        raise ValueError("concat_packs: some packs are preference packs (pair_segments) and some are not")
+    segs, seg_offset = [], 0
+    for p in packs:
+        segs.append(p["pair_segments"].long() + seg_offset)
+        seg_offset += int(p["cu_seqlens"].numel()) - 1
+    out["pair_segments"] = torch.cat(segs)
+    out["pair_keys"] = [key for p in packs for key in p["pair_keys"]]
+    for index, grid in (("image_feature_index", "image_grid_thw"), ("video_feature_index", "video_grid_thw")):
+        if any(p.get(index) is not None for p in packs):
+            parts, offset = [], 0
+            for p in packs:
+                if p.get(index) is not None:
+                    parts.append(p[index].long() + offset)
+                offset += 0 if p.get(grid) is None else int(p[grid].shape[0])
+            out[index] = torch.cat(parts)
 
 
 def _to_device(batch: dict) -> dict:
@@ -50,14 +77,20 @@ def _to_device(batch: dict) -> dict:
 
 
 def train_step(ddp_model, optimizer, microbatches: list[dict], *, kernels: str, dp_group, inject_nan: bool = False,
-               inject_nan_grad: bool = False, arch=None):
+               inject_nan_grad: bool = False, arch=None, objective=None):
     """Forward/backward over ``microbatches`` (this DP rank's share) and, unless NaN/Inf, the optimizer step.
 
-    Returns a dict: loss (global weighted mean, on every rank), weight_sum (global), grad_norm, skipped (bool).
+    ``objective`` (mllm_mega/objectives; None = next-token) supplies the forward step, the loss and the metrics.
+    Returns a dict: loss (global, on every rank), weight_sum (the objective's global normaliser), grad_norm,
+    skipped (bool), plus the objective's metrics.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    if objective is None:
+        from mllm_mega.objectives.next_token import NextTokenObjective
+
+        objective = NextTokenObjective()
     config = ddp_model.config
     if ps.get_context_parallel_world_size() > 1:  # context parallel: this rank's slice of every micro-batch
         from mllm_mega.parallel.context import cp_group_and_rank, media_kwargs, shard_microbatches
@@ -66,31 +99,13 @@ def train_step(ddp_model, optimizer, microbatches: list[dict], *, kernels: str, 
         microbatches = shard_microbatches(
             microbatches, size, rank, group,
             multiple=config.tensor_model_parallel_size if config.sequence_parallel else 1, **media_kwargs(arch))
-    local_w = sum(float(mb["loss_weights"].double().sum()) for mb in microbatches)
-    denom = torch.tensor([local_w], dtype=torch.float64)
-    dist.all_reduce(denom, group=dp_group)
-    w_global = float(denom)
-    scale = 1.0 / w_global if w_global > 0 else 0.0
-    tp_group = ps.get_tensor_model_parallel_group()
-    tp = config.tensor_model_parallel_size
+    # the global normalisers (all-reduced over DP), before any forward: no dependence on the micro-batch split
+    norms = objective.normalisers(microbatches, dp_group)
+    tp_group = ps.get_tensor_model_parallel_group() if config.tensor_model_parallel_size > 1 else None
 
     def forward_step(data_iterator, model):
-        mb = _to_device(next(data_iterator))
-        logits = model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"], max_seqlen=mb["max_seqlen"],
-                       pixel_values=mb.get("pixel_values"), image_grid_thw=mb.get("image_grid_thw"),
-                       pixel_values_videos=mb.get("pixel_values_videos"), video_grid_thw=mb.get("video_grid_thw"),
-                       context_parallel=mb.get("context_parallel"))
-
-        def loss_func(output):
-            s = weighted_loss_sum(output, mb["labels"], mb["loss_weights"], kernels=kernels,
-                                  tp_group=tp_group if tp > 1 else None)
-            if inject_nan:
-                s = s * float("nan")
-            loss = s * scale
-            # the 0 "token count" keeps megatron from rescaling (the loss is already globally normalised)
-            return loss, torch.zeros((), dtype=torch.int), {"loss_sum": s.detach().double()}
-
-        return logits, loss_func
+        return objective.forward_step(model, _to_device(next(data_iterator)), norms, kernels=kernels,
+                                      tp_group=tp_group, inject_nan=inject_nan)
 
     # the whole sequence: megatron's get_tensor_shapes divides the p2p length by CP and, under SP, by TP itself
     seq = microbatches[0]["input_ids"].shape[0] * ps.get_context_parallel_world_size()
@@ -102,19 +117,23 @@ def train_step(ddp_model, optimizer, microbatches: list[dict], *, kernels: str, 
     # loss sums live on the last pipeline stage (identical over TP ranks): gather them everywhere
     if inject_nan_grad and dist.get_rank() == 0:  # testing aid: one rank's gradient only, the loss stays finite
         ddp_model.buffers[0].grad_data.view(-1)[0] = float("nan")
-    stats = torch.zeros(2, dtype=torch.float64)
+    keys = objective.sum_keys
+    stats = torch.zeros(len(keys) + 1, dtype=torch.float64)
     if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
-        stats[0] = sum(float(x["loss_sum"]) for x in losses)
-    stats[1] = 0.0 if _grads_finite(ddp_model) else 1.0
+        for i, key in enumerate(keys):
+            stats[i] = sum(float(x[key]) for x in losses)
+    stats[-1] = 0.0 if _grads_finite(ddp_model) else 1.0
     dist.all_reduce(stats)  # sum over all ranks: loss sums of every DP rank; any non-finite grad
-    loss = float(stats[0]) / w_global if w_global > 0 else float("nan")
-    if not math.isfinite(loss) or stats[1] > 0:
+    out = objective.metrics({k: float(stats[i]) for i, k in enumerate(keys)}, norms)
+    loss = out["loss"]
+    if not math.isfinite(loss) or stats[-1] > 0:
         optimizer.zero_grad()
-        return {"loss": loss, "weight_sum": w_global, "grad_norm": float("nan"), "skipped": True}
+        return {**out, "grad_norm": float("nan"), "skipped": True}
     ok, grad_norm, _ = optimizer.step()
     if grad_norm is None:
         grad_norm = optimizer.get_grad_norm()
-    return {"loss": loss, "weight_sum": w_global, "grad_norm": float(grad_norm), "skipped": not ok}
+    objective.end_step(out, skipped=not ok)
+    return {**out, "grad_norm": float(grad_norm), "skipped": not ok}
 
 
 def _grads_finite(ddp_model) -> bool:

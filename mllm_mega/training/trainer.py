@@ -23,11 +23,12 @@ import torch.distributed as dist
 
 from mllm_mega.config import Config
 from mllm_mega.models.common.kernel_choice import resolve_kernels
+from mllm_mega.objectives import build_objective
 from mllm_mega.training import checkpointing as ckpt
 from mllm_mega.training import integrity, resume, setup
 from mllm_mega.training.flops import device_peak_tflops, pack_flops, training_multipliers
 from mllm_mega.training.metrics import MetricsLogger, Timer, peak_memory_gb
-from mllm_mega.training.step import concat_packs, train_step
+from mllm_mega.training.step import train_step
 
 
 class NaNStop(RuntimeError):
@@ -70,6 +71,9 @@ class Trainer:
         if resume_from is None and cfg.model.init_from:
             ckpt.load_model_weights(cfg.model.init_from, self.model)
             self._print(f"[train] initial weights from {cfg.model.init_from}")
+        reference = self._build_reference() if cfg.objective.name == "preference" and \
+            cfg.objective.reference == "resident" else None
+        self.objective = build_objective(cfg, reference_model=reference)
         setup.apply_freeze(self.model, cfg)
         self.frozen = setup.frozen_groups(self.arch, cfg)
         self.ddp = setup.wrap_ddp(self.model, cfg)
@@ -96,6 +100,23 @@ class Trainer:
                     f"{[k for k, v in self.frozen.items() if v] or 'none'}) | dtype {str(self.dtype)[6:]} | "
                     f"kernels {self.kernels} | {self.num_microbatches} micro-batch(es) of {mbs} pack(s) x "
                     f"{cfg.data.seq_len} tokens per DP rank and step")
+
+    def _build_reference(self):
+        """The resident reference: this rank's stage in the policy's layout, frozen (no grads, no optimizer),
+        from objective.reference_from or the policy's starting weights (model.init_from; a random-init policy's
+        weights copied before any resume overwrites them)."""
+        source = self.cfg.objective.reference_from or self.cfg.model.init_from
+        ref = self.spec.build_stage(self.arch, setup.layout_of(self.cfg), kernels=self.kernels,
+                                    params_dtype=self.dtype)
+        with torch.no_grad():
+            if source:
+                ckpt.load_model_weights(source, ref)
+            else:  # the policy is still its seeded random init here (a resume loads its weights later)
+                ref.load_state_dict(self.model.state_dict(), strict=True)
+        ref.requires_grad_(False)
+        ref.eval()
+        self._print(f"[train] resident reference model from {source or 'the initial (random) weights'}")
+        return ref
 
     # --- helpers -----------------------------------------------------------------------------------
     def _print(self, msg: str) -> None:
@@ -138,6 +159,7 @@ class Trainer:
             "optimizer_sharding": self.cfg.checkpoint.optimizer_sharding,
             "adam_step": _adam_step(self.optimizer),
             "model_only": iteration == 0,
+            "objective": self.objective.state_dict(),  # e.g. BCO's running delta: restored for an exact resume
         }
         loader_state = self.loader.state_dict() if self._is_data_writer() else None
 
@@ -222,6 +244,7 @@ class Trainer:
             _set_group_hparams(self.optimizer, groups)
             _set_adam_step(self.optimizer, ts["adam_step"])
         self.scheduler.load_state_dict(ts["scheduler"])
+        self.objective.load_state_dict(ts.get("objective", {}))
         self.start_iteration = ts["iteration"]
         self.consumed_samples = ts["consumed_samples"]
         self.nan_skipped_steps, self.nan_in_a_row = ts["nan_skipped_steps"], ts["nan_in_a_row"]
@@ -266,7 +289,7 @@ class Trainer:
         flops = sum(pack_flops(self.arch, p, self.multipliers) for p in packs)
         counts = {"real_tokens": sum(int(p["num_real_tokens"]) for p in packs),
                   "samples": sum(int(p["num_samples"]) for p in packs)}
-        micro = [concat_packs(packs[i:i + mbs]) for i in range(0, len(packs), mbs)]
+        micro = [self.objective.collate(packs[i:i + mbs]) for i in range(0, len(packs), mbs)]
         return micro, flops, counts
 
     def train(self) -> int:
@@ -299,6 +322,7 @@ class Trainer:
                 iteration += 1
                 result = train_step(self.ddp, self.optimizer, micro, kernels=self.kernels, dp_group=self.dp_group,
                                     arch=self.arch,  # context parallel: the split needs the placeholder ids
+                                    objective=self.objective,
                                     inject_nan=iteration in cfg.train.inject_nan_at,
                                     inject_nan_grad=iteration in cfg.train.inject_nan_grad_at)
                 launches = self._launches_since(launches_before, iteration) if first_step else None
@@ -365,6 +389,7 @@ class Trainer:
             "peak_mem_gb": peak_memory_gb(),
             "skipped_samples": dict(self.loader.skip_counts),
             "samples_per_dataset": self.loader.stats.get("per_dataset", {}),  # data.datasets mixtures; rank 0's
+            **{k: v for k, v in result.items() if k not in _STEP_KEYS},  # the objective's metrics
         }
 
     def _launches_since(self, before: dict, iteration: int) -> dict:
@@ -382,6 +407,9 @@ class Trainer:
 
     def close(self) -> None:
         self.loader.close()
+
+
+_STEP_KEYS = ("loss", "weight_sum", "grad_norm", "skipped")
 
 
 def _launch_counts() -> dict:
