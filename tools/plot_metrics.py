@@ -5,7 +5,9 @@
 
 Top panel: the loss (skipped NaN/Inf steps marked by red lines at their iterations, since their loss has no
 value to plot) with the learning rate on a second axis. Bottom panel: real (unpadded) tokens/s per GPU and
-TFLOP/s per GPU. A resumed run may have logged some iterations twice (those after its last checkpoint); the
+TFLOP/s per GPU. A preference run (objective.name=preference) gets a third panel: the mean rewards
+(beta * log-ratio) of chosen and rejected completions and their margin, with the reward accuracy on a second
+axis, and its loss terms (preference, quality, generation) drawn thin in the loss panel. A resumed run may have logged some iterations twice (those after its last checkpoint); the
 later record of an iteration wins. The PNG is written to a temporary name and renamed, so a reader never sees
 half a file. A missing run directory or metrics.jsonl, an empty file, or a malformed line (named by file and
 line number) exits 2 with `error: ...`.
@@ -57,7 +59,14 @@ def read_metrics(path: str) -> list[dict]:
     return [by_iteration[i] for i in sorted(by_iteration)]
 
 
-def plot(records: list[dict], out: str, title: str) -> None:
+PREFERENCE_TERMS = (("loss_preference", "preference term"), ("loss_quality", "quality term (BCO)"),
+                    ("loss_generation", "generation term (SFT)"))
+REWARDS = (("rewards_chosen", "reward chosen", "tab:green"), ("rewards_rejected", "reward rejected", "tab:red"),
+           ("rewards_margin", "margin", "tab:purple"))
+
+
+def plot(records: list[dict], out: str, title: str) -> dict:
+    """Write the PNG; returns the plotted curves, label -> y values (NaN where a record lacks the metric)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,8 +79,14 @@ def plot(records: list[dict], out: str, title: str) -> None:
     tflops = [_number(r.get("tflops_per_gpu")) for r in records]
     skipped = [r["iteration"] for r, v in zip(records, loss) if r.get("skipped_step") or not math.isfinite(v)]
 
-    fig, (ax_loss, ax_tp) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True)
+    preference = any("rewards_accuracy" in r for r in records)
+    fig, axes = plt.subplots(3 if preference else 2, 1, figsize=(10, 10.5 if preference else 7.5), sharex=True)
+    ax_loss, ax_tp = axes[0], axes[1]
+    curves = {"loss": loss, "learning rate": lr, "tokens/s/GPU (real tokens)": tokens, "TFLOP/s/GPU": tflops}
     ax_loss.plot(its, loss, color="tab:blue", lw=1.2, marker="." if len(its) <= 60 else None, label="loss")
+    for key, label in PREFERENCE_TERMS if preference else ():
+        curves[label] = [_number(r.get(key)) for r in records]
+        ax_loss.plot(its, curves[label], lw=0.8, alpha=0.8, label=label)
     for i, it in enumerate(skipped):
         ax_loss.axvline(it, color="tab:red", lw=0.8, alpha=0.6, ls="--",
                         label=f"skipped step (NaN/Inf), {len(skipped)} in all" if i == 0 else None)
@@ -107,6 +122,27 @@ def plot(records: list[dict], out: str, title: str) -> None:
     h2, l2 = ax_fl.get_legend_handles_labels()
     ax_tp.legend(h1 + h2, l1 + l2, loc="lower right", fontsize=8)
 
+    if preference:
+        ax_rw = axes[2]
+        for key, label, color in REWARDS:
+            curves[label] = [_number(r.get(key)) for r in records]
+            ax_rw.plot(its, curves[label], color=color, lw=1.2, label=label)
+        ax_rw.axhline(0.0, color="black", lw=0.5)
+        ax_rw.set_ylabel("reward (beta * log-ratio)")
+        ax_rw.grid(alpha=0.3)
+        ax_acc = ax_rw.twinx()
+        curves["reward accuracy"] = [_number(r.get("rewards_accuracy")) for r in records]
+        ax_acc.plot(its, curves["reward accuracy"], color="tab:blue", lw=1.0, ls="--", label="reward accuracy")
+        ax_acc.set_ylim(-0.02, 1.02)
+        ax_acc.set_ylabel("accuracy (chosen reward > rejected)", color="tab:blue")
+        acc = [v for v in curves["reward accuracy"] if math.isfinite(v)]
+        ax_rw.set_title(f"rewards; last accuracy {acc[-1]:.3f}" if acc else "rewards", fontsize=10)
+        h1, l1 = ax_rw.get_legend_handles_labels()
+        h2, l2 = ax_acc.get_legend_handles_labels()
+        ax_rw.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
+        ax_tp.set_xlabel("")
+        ax_rw.set_xlabel("iteration")
+
     fig.tight_layout()
     d = os.path.dirname(os.path.abspath(out))
     tmp = os.path.join(d, f".{os.path.basename(out)}.tmp-{os.getpid()}")
@@ -117,6 +153,7 @@ def plot(records: list[dict], out: str, title: str) -> None:
         plt.close(fig)
         if os.path.exists(tmp):
             os.remove(tmp)
+    return curves
 
 
 def main(argv=None) -> int:
@@ -137,8 +174,9 @@ def main(argv=None) -> int:
     except MetricsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    plot(records, out, os.path.basename(os.path.normpath(os.path.abspath(args.run_dir))))
-    print(f"wrote {out} ({len(records)} iterations)")
+    curves = plot(records, out, os.path.basename(os.path.normpath(os.path.abspath(args.run_dir))))
+    panels = "loss, throughput" + (", rewards" if "reward accuracy" in curves else "")
+    print(f"wrote {out} ({len(records)} iterations; panels: {panels})")
     return 0
 
 

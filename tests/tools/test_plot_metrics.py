@@ -97,3 +97,28 @@ def test_out_directory_missing(tmp_path, capsys):
     _write(str(tmp_path), [json.dumps(_record(1))])
     assert load_tool("plot_metrics")([str(tmp_path), "--out", str(tmp_path / "no" / "x.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_preference_run_gets_a_rewards_panel(tmp_path):
+    """Preference metrics (objective.name=preference) are drawn: the rewards panel plots the logged values."""
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("plot_metrics", os.path.join(ROOT, "tools", "plot_metrics.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    records = []
+    for i in range(1, 7):
+        r = _record(i)
+        r.update(rewards_chosen=0.01 * i, rewards_rejected=-0.02 * i, rewards_margin=0.03 * i,
+                 rewards_accuracy=i / 6, bco_delta=0.001 * i, loss_preference=0.69 - 0.01 * i,
+                 loss_quality=1.38 - 0.01 * i, loss_generation=3.0 - 0.1 * i)
+        records.append(r)
+    _write(str(tmp_path), [json.dumps(r) for r in records])
+    curves = mod.plot(mod.read_metrics(str(tmp_path / "metrics.jsonl")), str(tmp_path / "m.png"), "t")
+    _valid_png(tmp_path / "m.png")
+    assert curves["reward accuracy"] == [r["rewards_accuracy"] for r in records]
+    assert curves["margin"] == [r["rewards_margin"] for r in records]
+    assert curves["reward rejected"] == [r["rewards_rejected"] for r in records]
+    assert curves["quality term (BCO)"] == [r["loss_quality"] for r in records]

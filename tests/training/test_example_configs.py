@@ -14,6 +14,8 @@ from tests.conftest import ROOT
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "examples", "configs", "*.yaml")))
 GPU_CONFIGS = [p for p in CONFIGS if os.path.basename(p).startswith("qwen2_5_vl_")]
+PREFERENCE_CONFIGS = [p for p in GPU_CONFIGS if re.search(r"_(dpo|mpo)\.yaml$", p)]
+STAGE_CONFIGS = [p for p in GPU_CONFIGS if p not in PREFERENCE_CONFIGS]
 
 # Qwen2.5-VL released sizes: LLM (layers, q heads, kv heads, ffn, vocab), ViT (heads, ffn)
 KNOWN = {
@@ -71,7 +73,7 @@ def test_gpu_config_layout_fits_the_model(path):
         assert cfg.train.global_batch_size % (cfg.train.micro_batch_size * dp) == 0, (nodes, dp)
 
 
-@pytest.mark.parametrize("path", GPU_CONFIGS, ids=_name)
+@pytest.mark.parametrize("path", STAGE_CONFIGS, ids=_name)
 def test_gpu_config_stage_recipe(path):
     """Stage, starting weights and LR follow the three-stage recipe (1 -> 1.5 -> 2)."""
     cfg = load_config(path)
@@ -93,6 +95,26 @@ def test_gpu_config_stage_recipe(path):
         assert os.path.normpath(cfg.model.init_from) == os.path.normpath(os.path.join(prev.run_dir, "checkpoints"))
         assert cfg.optimizer.lr < prev.optimizer.lr
         assert cfg.stage.lr_mult_vision < 1.0 and not cfg.stage.freeze_vision
+
+
+def test_preference_configs():
+    """Qwen2.5-VL-7B DPO and MPO after stage 2: ViT frozen, LR 1e-6, InternVL2.5-MPO's weights and lengths."""
+    names = {_name(p): p for p in PREFERENCE_CONFIGS}
+    assert set(names) == {"qwen2_5_vl_7b_dpo.yaml", "qwen2_5_vl_7b_mpo.yaml"}
+    stage2 = load_config(os.path.join(ROOT, "examples", "configs", "qwen2_5_vl_7b_stage2.yaml"))
+    for name, path in names.items():
+        cfg = load_config(path)
+        o = cfg.objective
+        assert o.name == "preference" and o.beta == 0.1
+        assert cfg.stage.freeze_vision and not cfg.stage.freeze_llm and cfg.optimizer.lr == 1e-6
+        assert os.path.normpath(cfg.model.init_from) == os.path.normpath(os.path.join(stage2.run_dir, "checkpoints"))
+        assert cfg.data.seq_len >= 2 * 8192  # a pair (one packing unit) of two sequences of up to 8192 tokens
+        assert cfg.run_dir.endswith(name[:-len(".yaml")])
+    dpo, mpo = load_config(names["qwen2_5_vl_7b_dpo.yaml"]), load_config(names["qwen2_5_vl_7b_mpo.yaml"])
+    assert (dpo.objective.weight_preference, dpo.objective.weight_quality, dpo.objective.weight_generation) == (1, 0, 0)
+    assert (mpo.objective.weight_preference, mpo.objective.weight_quality, mpo.objective.weight_generation) == \
+        (0.8, 0.2, 1.0)
+    assert dpo.objective.reference == "resident" and mpo.objective.reference == "precomputed"
 
 
 # Valley2.5 recipe configs: Qwen2-VL-7B ViT (16 heads, ffn 5120) + Qwen3-8B (36 layers, 32 / 8 heads, vocab 151936)
