@@ -14,14 +14,15 @@ frozen reference's: ``r = logp_policy - logp_ref``, rewards ``beta * r``.
   known after every micro-batch's forward, while 1F1B runs the first backward before the last forward, and
   a delta that changed between micro-batches would make the loss depend on the split. At step 1 with the
   policy equal to the reference both deltas are 0.
-- generation (SFT on the chosen completion): ``-sum logp_policy(chosen)`` over the global batch's chosen
-  completion tokens divided by their global count — a token mean over the whole global batch. InternVL
-  takes the token mean per micro-batch (then averages micro-batches), which changes with the split.
+- generation (SFT on the chosen completion): ``sum w_i * (-log p(label_i))`` over the chosen completions'
+  tokens divided by the global sum of their weights ``w`` (the pack's loss_weights, i.e. data.loss_reweighting;
+  the default ``token`` makes it a token mean over the whole global batch). InternVL takes the token mean per
+  micro-batch (then averages micro-batches), which changes with the split; this does not.
 
 Normalisation: the preference and quality terms are means over all pairs of the global batch (the pair count
 all-reduced before the forward, like next_token's weight sum); every micro-batch contributes its sums divided
 by those global counts, so the loss is the same however the global batch is split into micro-batches or DP
-ranks. data.loss_reweighting does not apply here. MPO (InternVL2.5-MPO): 0.8 / 0.2 / 1.0.
+ranks. MPO (InternVL2.5-MPO): 0.8 / 0.2 / 1.0.
 
 Reference: ``resident`` (a frozen model run under no_grad in the same forward step, on the same micro-batch)
 or ``precomputed`` (``ref_logps`` (P, 2) per micro-batch, looked up by pair key in ``collate``).
@@ -34,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mllm_mega.objectives.logprobs import segment_logps
+from mllm_mega.objectives.logprobs import segment_ids, segment_logps, token_logps
 from mllm_mega.objectives.next_token import run_model
 
 IGNORE = -100
@@ -49,13 +50,13 @@ def pair_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, bet
     return rc, rr, preference, quality
 
 
-def chosen_token_count(mb: dict) -> int:
-    """Label tokens of the micro-batch's chosen completions (the generation term's normaliser)."""
-    cu, labels = mb["cu_seqlens"].long(), mb["labels"]
-    count = 0
-    for s in mb["pair_segments"][:, 0].tolist():
-        count += int((labels[int(cu[s]):int(cu[s + 1])] != IGNORE).sum())
-    return count
+def generation_weights(mb: dict) -> torch.Tensor:
+    """(T,) float64: the loss weight of each supervised token of a chosen completion, 0 elsewhere."""
+    num_tokens = mb["labels"].shape[0]
+    chosen = torch.zeros(int(mb["cu_seqlens"].numel()) - 1, dtype=torch.bool)
+    chosen[mb["pair_segments"][:, 0].long()] = True
+    on = chosen[segment_ids(mb["cu_seqlens"].cpu(), num_tokens)] & (mb["labels"].cpu() != IGNORE)
+    return torch.where(on, mb["loss_weights"].cpu().double(), torch.zeros((), dtype=torch.float64))
 
 
 class PreferenceObjective:
@@ -95,9 +96,9 @@ class PreferenceObjective:
 
     def normalisers(self, microbatches: list[dict], dp_group) -> dict:
         local = torch.tensor([sum(int(mb["pair_segments"].shape[0]) for mb in microbatches),
-                              sum(chosen_token_count(mb) for mb in microbatches)], dtype=torch.float64)
+                              sum(float(generation_weights(mb).sum()) for mb in microbatches)], dtype=torch.float64)
         dist.all_reduce(local, group=dp_group)
-        return {"num_pairs": float(local[0]), "chosen_tokens": float(local[1]), "delta": self.delta}
+        return {"num_pairs": float(local[0]), "generation_weight": float(local[1]), "delta": self.delta}
 
     def forward_step(self, model, mb: dict, norms: dict, *, kernels: str, tp_group, inject_nan: bool = False):
         logits = run_model(model, mb)
@@ -109,17 +110,20 @@ class PreferenceObjective:
             ref = torch.stack([ref_seg[pairs[:, 0]], ref_seg[pairs[:, 1]]], dim=1)
         else:
             ref = mb["ref_logps"]
-        num_pairs, num_tokens = norms["num_pairs"], norms["chosen_tokens"]
+        num_pairs, gen_weight = norms["num_pairs"], norms["generation_weight"]
         w_pref, w_qual, w_gen = self.weights
+        gen_w = generation_weights(mb).to(logits.device)
 
         def loss_func(output):
-            seg = segment_logps(output, mb["labels"], mb["cu_seqlens"], kernels=kernels, tp_group=tp_group)
+            tok = token_logps(output, mb["labels"], kernels=kernels, tp_group=tp_group)  # (T,)
+            seg = torch.zeros(int(mb["cu_seqlens"].numel()) - 1, dtype=torch.float32, device=tok.device).index_add(
+                0, segment_ids(mb["cu_seqlens"].to(tok.device), tok.shape[0]), tok)  # (S,) completion sums
             chosen, rejected = seg[pairs[:, 0]], seg[pairs[:, 1]]
             rc, rr, pref, qual = pair_losses(chosen, rejected, ref[:, 0].to(seg.device), ref[:, 1].to(seg.device),
                                              beta=self.beta, delta=norms["delta"])
-            gen = -chosen.double().sum()
+            gen = -(tok.double() * gen_w).sum()
             loss = (w_pref * pref.sum() / num_pairs + w_qual * qual.sum() / num_pairs
-                    + (w_gen * gen / num_tokens if num_tokens > 0 else 0.0 * gen))
+                    + (w_gen * gen / gen_weight if gen_weight > 0 else 0.0 * gen))
             if inject_nan:
                 loss = loss * float("nan")
             sums = {"preference_sum": pref.sum(), "quality_sum": qual.sum(), "generation_sum": gen,
@@ -131,7 +135,7 @@ class PreferenceObjective:
         return logits, loss_func
 
     def metrics(self, sums: dict, norms: dict) -> dict:
-        p, n = norms["num_pairs"], norms["chosen_tokens"]
+        p, n = norms["num_pairs"], norms["generation_weight"]
         if p == 0:
             raise ValueError("preference objective: the global batch has no pairs")
         w_pref, w_qual, w_gen = self.weights

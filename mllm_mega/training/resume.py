@@ -22,7 +22,10 @@ from mllm_mega.training import integrity
 
 # config keys whose change breaks the continuation of a run (data order, batch, RNG streams, model shape)
 BREAKING_KEYS = ("seed", "train.global_batch_size", "data.data_path", "data.seed", "data.seq_len",
-                 "data.loss_reweighting", "model.arch", "model.tiny_overrides")
+                 "data.loss_reweighting", "model.arch", "model.tiny_overrides", "objective.name",
+                 "objective.reference_from")
+# what a config saved before a section existed meant
+_SAVED_DEFAULTS = {"objective.name": "next_token", "objective.reference_from": None}
 
 
 def _rank() -> int:
@@ -134,7 +137,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def config_changes(saved: dict, new: dict) -> tuple[list[tuple], list[tuple]]:
     """(breaking, harmless) changes between two resolved configs, as (key, old, new) tuples."""
-    a, b = _flatten(saved), _flatten(new)
+    a, b = {**_SAVED_DEFAULTS, **_flatten(saved)}, _flatten(new)
     changes = [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     breaking = [c for c in changes if c[0] in BREAKING_KEYS]
     return breaking, [c for c in changes if c[0] not in BREAKING_KEYS]

@@ -18,8 +18,9 @@ VOCAB = 512
 
 def _pair_pack(gen: torch.Generator, key_prefix: str, num_pairs: int = 2) -> dict:
     """A text-only preference pack: per pair a chosen and a rejected segment sharing the prompt; labels on the
-    completion tokens only (the target at each position is the next token)."""
-    ids, labels, cus, pairs, keys = [], [], [0], [], []
+    completion tokens only (the target at each position is the next token); loss weights as the data gives them
+    with square reweighting: 1/sqrt(completion length) on the chosen completion, 0 on the rejected."""
+    ids, labels, weights, cus, pairs, keys = [], [], [], [0], [], []
     for p in range(num_pairs):
         prompt = torch.randint(0, 500, (int(torch.randint(3, 7, (1,), generator=gen)),), generator=gen)
         for side in range(2):
@@ -29,13 +30,14 @@ def _pair_pack(gen: torch.Generator, key_prefix: str, num_pairs: int = 2) -> dic
             lab[len(prompt) - 1:-1] = seq[len(prompt):]  # position t predicts token t+1
             ids.append(seq)
             labels.append(lab)
+            weights.append((lab != -100).float() * (len(completion) ** -0.5 if side == 0 else 0.0))
             cus.append(cus[-1] + len(seq))
         pairs.append([2 * p, 2 * p + 1])
         keys.append(f"{key_prefix}-{p}")
     ids, labels = torch.cat(ids), torch.cat(labels)
     cu = torch.tensor(cus, dtype=torch.int32)
     pos = torch.cat([torch.arange(int(cu[i + 1] - cu[i])) for i in range(len(cus) - 1)])
-    return {"input_ids": ids, "labels": labels, "loss_weights": (labels != -100).float(),
+    return {"input_ids": ids, "labels": labels, "loss_weights": torch.cat(weights),
             "position_ids": pos[None].expand(3, -1).contiguous(), "cu_seqlens": cu,
             "max_seqlen": int((cu[1:] - cu[:-1]).max()), "num_real_tokens": int(cu[-1]), "num_samples": num_pairs,
             "sample_keys": keys, "pair_segments": torch.tensor(pairs), "pair_keys": keys}
@@ -138,9 +140,12 @@ def _formulas(policy: dict, ref: dict, packs, beta, delta, weights) -> dict:
     rc, rr = beta * (pc - qc), beta * (pr - qr)
     pref = -torch.log(torch.sigmoid(rc - rr)).mean()
     qual = (-torch.log(torch.sigmoid(rc - delta)) - torch.log(1 - torch.sigmoid(rr - delta))).mean()
-    chosen_tokens = sum(int((p["labels"][int(p["cu_seqlens"][c]):int(p["cu_seqlens"][c + 1])] != -100).sum())
-                        for p in packs for c in p["pair_segments"][:, 0].tolist())
-    gen = -pc.sum() / chosen_tokens
+    # generation: per chosen completion its weight (constant over it) x its CE sum, over the sum of the weights
+    w = torch.tensor([float(p["loss_weights"][int(p["cu_seqlens"][c + 1]) - 2]) for p in packs
+                      for c in p["pair_segments"][:, 0].tolist()], dtype=torch.float64)
+    n = torch.tensor([int((p["labels"][int(p["cu_seqlens"][c]):int(p["cu_seqlens"][c + 1])] != -100).sum())
+                      for p in packs for c in p["pair_segments"][:, 0].tolist()], dtype=torch.float64)
+    gen = -(w * pc).sum() / (w * n).sum()
     return {"loss_preference": float(pref), "loss_quality": float(qual), "loss_generation": float(gen),
             "loss": float(weights[0] * pref + weights[1] * qual + weights[2] * gen),
             "rewards_chosen": float(rc.mean()), "rewards_rejected": float(rr.mean()),
@@ -197,8 +202,8 @@ def test_precomputed_and_resident_reference_give_equal_losses_and_gradients(env,
     assert torch.equal(g_pre, g_resident)
 
 
-def test_next_token_objective_is_the_default(env, tmp_path):
-    """train_step without an objective is next-token prediction: the global weighted mean of the CE."""
+def test_next_token_objective(env, tmp_path):
+    """NextTokenObjective (train_step's default) is the global weighted mean of the CE."""
     a, g_a, _ = _step(env, NextTokenObjective, 2, tmp_path)
     with torch.no_grad():
         model = _build(env["arch"], env["init"])
@@ -206,7 +211,8 @@ def test_next_token_objective_is_the_default(env, tmp_path):
         for p in env["packs"]:
             logits = model(p["input_ids"], p["position_ids"], p["cu_seqlens"], max_seqlen=p["max_seqlen"])
             keep = p["labels"] != -100
-            num += float(-torch.log_softmax(logits.double(), -1)[keep].gather(1, p["labels"][keep][:, None]).sum())
-            den += float(keep.sum())
+            ce = -torch.log_softmax(logits.double(), -1)[keep].gather(1, p["labels"][keep][:, None]).squeeze(1)
+            num += float((p["loss_weights"][keep].double() * ce).sum())
+            den += float(p["loss_weights"].double().sum())
     assert a["loss"] == pytest.approx(num / den, rel=1e-6)
-    assert a["weight_sum"] == den
+    assert a["weight_sum"] == pytest.approx(den, rel=1e-12)
