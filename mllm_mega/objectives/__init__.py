@@ -1,0 +1,1 @@
+"""Training objectives: one module per objective (next-token, preference) over shared log-prob helpers."""
