@@ -1,0 +1,130 @@
+"""The reference log-prob file: per-pair sums of the frozen reference model, precomputed once.
+
+A preference objective (DPO, MPO) needs log pi_ref(y | x) for each pair's chosen and rejected completion.
+``tools/precompute_ref_logps.py`` computes them in one forward-only pass and writes this file next to the
+data, so training holds only the policy. Format (JSON, version 1)::
+
+    {"format": "mllm_mega.ref_logps", "version": 1,
+     "meta": {"reference": {...}, "data": {...}, "layout": {...}, "kernels": ..., "dtype": ..., ...},
+     "logps": {"<sample key>": [chosen, rejected], ...}}
+
+Values are the float64 of the fp32 sums, written with Python's ``repr`` (shortest round-trip form), so a
+read gives back exactly the float that was written. ``meta`` says what produced the numbers: the
+reference checkpoint (path, iteration, family), the data (``data_fingerprint``), the layout and the
+kernels; ``check_ref_logps_meta`` is how the training side refuses a file made for another checkpoint or
+another data set. Writes go to a temporary name and are renamed when complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+
+FORMAT = "mllm_mega.ref_logps"
+VERSION = 1
+REQUIRED_META = ("reference", "data", "layout", "kernels", "dtype")
+_PROBE = 1 << 20  # bytes hashed at each end of a shard: a cheap identity that needs no full read
+
+
+def default_ref_logps_path(data_dir: str, name: str = "ref") -> str:
+    """``<data dir>/ref_logps.<name>.json``: where the tool writes and the trainer looks by default."""
+    if not name or os.sep in name or name.startswith("."):
+        raise ValueError(f"ref_logps name {name!r} must be a plain file-name part")
+    return os.path.join(data_dir, f"ref_logps.{name}.json")
+
+
+def data_fingerprint(shards: list[str]) -> dict:
+    """What the data side must agree on: each shard's name, size and sha256 of its first and last MiB."""
+    out = []
+    for path in shards:
+        size = os.path.getsize(path)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            h.update(f.read(_PROBE))
+            if size > _PROBE:
+                f.seek(max(size - _PROBE, _PROBE))
+                h.update(f.read(_PROBE))
+        out.append([os.path.basename(path), size, h.hexdigest()])
+    return {"shards": out}
+
+
+def write_ref_logps(path: str, mapping: dict, meta: dict) -> None:
+    """Write ``{key: (chosen, rejected)}`` with ``meta`` to ``path`` atomically (tmp + rename)."""
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"write_ref_logps({path}): meta lacks {missing} (needs {list(REQUIRED_META)})")
+    logps = {}
+    for key, value in mapping.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"write_ref_logps({path}): sample key {key!r} must be a non-empty string")
+        try:
+            chosen, rejected = (float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ValueError(f"write_ref_logps({path}): value of key {key!r} must be (chosen, rejected), "
+                             f"got {value!r}") from None
+        if not (math.isfinite(chosen) and math.isfinite(rejected)):
+            raise ValueError(f"write_ref_logps({path}): key {key!r} has a non-finite log-prob {value!r}")
+        logps[key] = [chosen, rejected]
+    doc = {"format": FORMAT, "version": VERSION, "meta": {**meta, "num_pairs": len(logps)}, "logps": logps}
+    text = json.dumps(doc, indent=None, separators=(",", ":"), allow_nan=False)  # json writes float repr
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):  # nothing half-written is left behind
+            os.remove(tmp)
+        raise
+
+
+def read_ref_logps(path: str) -> tuple[dict, dict]:
+    """-> (``{key: (chosen, rejected)}`` as floats, meta). Errors name the file and the bad key."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"reference log-prob file {path} does not exist "
+                                f"(make it with tools/precompute_ref_logps.py)")
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a reference log-prob file ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a reference log-prob file (format {doc.get('format') if isinstance(doc, dict) else None!r})")
+    if doc.get("version") != VERSION:
+        raise ValueError(f"{path}: version {doc.get('version')!r}, this reader reads {VERSION}")
+    meta, logps = doc.get("meta"), doc.get("logps")
+    if not isinstance(meta, dict) or not isinstance(logps, dict):
+        raise ValueError(f"{path}: 'meta' and 'logps' must be objects")
+    mapping = {}
+    for key, value in logps.items():
+        if (not isinstance(value, list) or len(value) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise ValueError(f"{path}: key {key!r} must map to [chosen, rejected], got {value!r}")
+        mapping[key] = (float(value[0]), float(value[1]))
+    if meta.get("num_pairs") != len(mapping):
+        raise ValueError(f"{path}: meta says {meta.get('num_pairs')} pairs, the file holds {len(mapping)}")
+    return mapping, meta
+
+
+def check_ref_logps_meta(path: str, meta: dict, expected: dict) -> None:
+    """Refuse a file whose meta disagrees with ``expected`` (e.g. {"reference": ..., "data": ...}) on any key
+    given; the error names the key and both values."""
+    for key, want in expected.items():
+        have = meta.get(key)
+        if json.loads(json.dumps(have)) != json.loads(json.dumps(want)):  # compare as JSON (tuples == lists)
+            raise ValueError(f"{path}: made with {key}={have!r}, this run has {key}={want!r}; "
+                             f"recompute it with tools/precompute_ref_logps.py")
+
+
+def lookup_ref_logps(path: str, mapping: dict, keys: list[str]) -> list[tuple[float, float]]:
+    """The (chosen, rejected) of each key; a key the file lacks is an error naming it and the file."""
+    out = []
+    for key in keys:
+        if key not in mapping:
+            raise KeyError(f"{path}: no reference log-probs for sample key {key!r} ({len(mapping)} keys in the "
+                           f"file; was it made from this data?)")
+        out.append(mapping[key])
+    return out
