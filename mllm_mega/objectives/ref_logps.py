@@ -21,6 +21,8 @@ import json
 import math
 import os
 
+import torch
+
 FORMAT = "mllm_mega.ref_logps"
 VERSION = 1
 REQUIRED_META = ("reference", "data", "layout", "kernels", "dtype")
@@ -128,3 +130,87 @@ def lookup_ref_logps(path: str, mapping: dict, keys: list[str]) -> list[tuple[fl
                            f"file; was it made from this data?)")
         out.append(mapping[key])
     return out
+
+
+# ---- the precompute pass ----------------------------------------------------------------------------
+_MODEL_INPUTS = ("input_ids", "position_ids", "cu_seqlens", "pixel_values", "image_grid_thw", "pixel_values_videos",
+                 "video_grid_thw")
+
+
+def load_reference_model(load: str, *, tp: int = 1, pp: int = 1, kernels: str = "torch",
+                         num_llm_layers_in_first_stage: int | None = None, dtype: torch.dtype = torch.float32):
+    """(model stage in eval mode, arch) of checkpoint ``load`` at TP x PP; initialises the process groups."""
+    from mllm_mega.models import registry
+    from mllm_mega.models.layout import ParallelLayout
+    from mllm_mega.parallel.initialize import initialize_distributed
+    from mllm_mega.training import checkpointing as ckpt
+
+    arch = registry.arch_from_hf_config(ckpt.read_meta(load)["hf_config"])
+    initialize_distributed(tp, pp, num_llm_layers_in_first_stage=num_llm_layers_in_first_stage)
+    layout = ParallelLayout(tp, pp, num_llm_layers_in_first_stage=num_llm_layers_in_first_stage)
+    model = registry.spec_of(arch).build_stage(arch, layout, kernels=kernels, params_dtype=dtype)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    ckpt.load_model_weights(load, model)
+    return model.eval(), arch
+
+
+def pack_pair_logps(segment_sums, pack: dict) -> dict:
+    """{pair key: (chosen, rejected)} of one pack from its per-segment sums (S,) and ``pair_segments`` (P, 2)."""
+    pairs, keys = pack.get("pair_segments"), pack.get("pair_keys")
+    if pairs is None or keys is None:
+        raise ValueError("a preference pack needs 'pair_segments' (P, 2) and 'pair_keys' (P keys); got keys "
+                         f"{sorted(pack)}")
+    pairs = torch.as_tensor(pairs)
+    if pairs.dim() != 2 or pairs.shape[1] != 2 or pairs.shape[0] != len(keys):
+        raise ValueError(f"pair_segments must be (P, 2) with P = len(pair_keys) = {len(keys)}, got "
+                         f"{tuple(pairs.shape)}")
+    num_segments = segment_sums.shape[0]
+    if pairs.numel() and (int(pairs.min()) < 0 or int(pairs.max()) >= num_segments):
+        raise ValueError(f"pair_segments {pairs.tolist()} index outside the pack's {num_segments} segments")
+    sums = segment_sums.detach().double().cpu()
+    return {k: (float(sums[c]), float(sums[r])) for k, (c, r) in zip(keys, pairs.tolist())}
+
+
+def precompute_ref_logps(model, packs, *, kernels: str = "torch", progress: bool = True, total=None) -> dict:
+    """Collective over the world: forward-only every pack of this data-parallel rank through ``model``
+    (a pipeline stage at any TP/PP, in eval mode), sum each segment's completion log-probs and return
+    ``{pair key: (chosen, rejected)}`` of every DP rank's pairs, on every rank.
+
+    Each pack is a collated preference pack (input_ids, position_ids, cu_seqlens, labels, media, pair_segments,
+    pair_keys); every rank of one TP x PP group must be given the same packs. A key seen twice is an error.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from tqdm import tqdm
+
+    from mllm_mega.objectives.logprobs import segment_logps
+    from mllm_mega.parallel.schedule import forward_only
+
+    tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+    writer = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    local: dict = {}
+    show = progress and dist.get_rank() == 0
+    for pack in tqdm(packs, total=total, desc="ref log-probs", unit="pack", disable=not show):
+        batch = {k: pack[k].to(device) for k in _MODEL_INPUTS if pack.get(k) is not None}
+        with torch.no_grad():
+            logits = forward_only(model, batch, batch["input_ids"].shape[0])
+        if not ps.is_pipeline_last_stage(ignore_virtual=True):
+            continue
+        sums = segment_logps(logits, pack["labels"].to(device), pack["cu_seqlens"].to(device), kernels=kernels,
+                             tp_group=tp_group)
+        if writer:
+            for key, value in pack_pair_logps(sums, pack).items():
+                if key in local:
+                    raise ValueError(f"sample key {key!r} appears twice in the data (keys must be unique)")
+                local[key] = value
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    merged: dict = {}
+    for part in gathered:
+        for key, value in part.items():
+            if key in merged:
+                raise ValueError(f"sample key {key!r} was read by two data-parallel ranks (keys must be unique)")
+            merged[key] = value
+    return merged
