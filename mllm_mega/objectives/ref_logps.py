@@ -214,3 +214,65 @@ def precompute_ref_logps(model, packs, *, kernels: str = "torch", progress: bool
                 raise ValueError(f"sample key {key!r} was read by two data-parallel ranks (keys must be unique)")
             merged[key] = value
     return merged
+
+
+def reference_meta(load: str) -> dict:
+    """How a file names its reference checkpoint: absolute path and tracked iteration (None for an import)."""
+    from mllm_mega.training.checkpointing import read_tracker
+
+    return {"load": os.path.abspath(load), "iteration": read_tracker(load)[0]}
+
+
+def data_shards(data_cfg) -> list[str]:
+    """The shards of ``data.data_path`` or of every ``data.datasets`` entry, in the loader's order."""
+    from mllm_mega.data.shards import list_shards
+
+    if data_cfg.datasets:
+        return [s for d in data_cfg.datasets for s in list_shards(d["path"])]
+    return list_shards(data_cfg.data_path)
+
+
+def precompute_to_file(cfg, *, load: str, tp: int, pp: int, out: str | None = None, name: str = "ref",
+                       kernels: str | None = None, progress: bool = True) -> tuple[str, int, dict]:
+    """Collective: one pass over ``cfg.data`` (preference pairs, one epoch, this rank's DP share) through the
+    reference checkpoint ``load`` at TP x PP (DP = the rest of the world); rank 0 writes the file.
+
+    Returns (path, number of pairs written, skipped-sample counts summed over DP ranks)."""
+    import dataclasses
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from mllm_mega.data.loader import build_train_loader
+    from mllm_mega.models import registry
+    from mllm_mega.training.setup import resolve_dtype
+
+    shards = data_shards(cfg.data)
+    path = out or default_ref_logps_path(os.path.dirname(os.path.abspath(shards[0])), name)
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise FileNotFoundError(f"--out {path!r}: its directory does not exist")
+    kernels = kernels or cfg.model.kernels
+    dtype = resolve_dtype(cfg)
+    model, arch = load_reference_model(load, tp=tp, pp=pp, kernels=kernels, dtype=dtype,
+                                       num_llm_layers_in_first_stage=cfg.parallel.num_llm_layers_in_first_stage)
+    data_cfg = dataclasses.replace(cfg.data, preference=True, epochs=1)  # every pair exactly once
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    loader = build_train_loader(data_cfg, dp_rank=dp_rank, dp_size=dp, **registry.spec_of(arch).loader_options(arch))
+    try:
+        mapping = precompute_ref_logps(model, loader, kernels=kernels, progress=progress)
+        skipped = [None] * dist.get_world_size()
+        dist.all_gather_object(skipped, dict(loader.skip_counts) if ps.get_tensor_model_parallel_rank() == 0
+                               and ps.get_pipeline_model_parallel_rank() == 0 else {})
+    finally:
+        loader.close()
+    skips: dict = {}
+    for part in skipped:
+        for reason, n in part.items():
+            skips[reason] = skips.get(reason, 0) + int(n)
+    meta = {"reference": reference_meta(load), "data": data_fingerprint(shards), "family": arch.family,
+            "layout": {"tp": tp, "pp": pp, "dp": dp}, "kernels": kernels,
+            "dtype": str(dtype).replace("torch.", ""), "seq_len": cfg.data.seq_len, "skipped": skips}
+    if dist.get_rank() == 0:
+        write_ref_logps(path, mapping, meta)
+    dist.barrier()
+    return path, len(mapping), skips
