@@ -232,6 +232,18 @@ def data_shards(data_cfg) -> list[str]:
     return list_shards(data_cfg.data_path)
 
 
+def open_ref_logps(path: str, *, load: str | None, data_cfg) -> dict:
+    """The training side: ``{pair key: (chosen, rejected)}`` of ``path`` after checking it was made from
+    reference checkpoint ``load`` (skipped when None) and from ``data_cfg``'s shards; a mismatch is a
+    ValueError naming the file, the key and both values."""
+    mapping, meta = read_ref_logps(path)
+    expected = {"data": data_fingerprint(data_shards(data_cfg))}
+    if load is not None:
+        expected["reference"] = reference_meta(load)
+    check_ref_logps_meta(path, meta, expected)
+    return mapping
+
+
 def precompute_to_file(cfg, *, load: str, tp: int, pp: int, out: str | None = None, name: str = "ref",
                        kernels: str | None = None, progress: bool = True) -> tuple[str, int, dict]:
     """Collective: one pass over ``cfg.data`` (preference pairs, one epoch, this rank's DP share) through the

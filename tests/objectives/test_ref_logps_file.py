@@ -69,3 +69,24 @@ def test_data_fingerprint_sees_content_changes(tmp_path):
     assert before["shards"][0][:2] == ["s.tar", 3000]
     shard.write_bytes(b"x" * 2999 + b"y")
     assert data_fingerprint([str(shard)]) != before
+
+
+def test_open_ref_logps_refuses_other_data_or_checkpoint(tmp_path):
+    from mllm_mega.data.config import DataConfig
+    from mllm_mega.objectives.ref_logps import data_shards, reference_meta, open_ref_logps
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.tar").write_bytes(b"a" * 100)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    cfg = DataConfig(data_path=str(data))
+    meta = {**META, "reference": reference_meta(str(ckpt)), "data": data_fingerprint(data_shards(cfg))}
+    path = str(data / "ref_logps.ref.json")
+    write_ref_logps(path, {"k": (-3.0, -4.0)}, meta)
+    assert open_ref_logps(path, load=str(ckpt), data_cfg=cfg) == {"k": (-3.0, -4.0)}
+    with pytest.raises(ValueError, match="made with reference="):
+        open_ref_logps(path, load=str(tmp_path / "other"), data_cfg=cfg)
+    (data / "b.tar").write_bytes(b"b" * 100)  # a shard more: other data
+    with pytest.raises(ValueError, match="made with data="):
+        open_ref_logps(path, load=str(ckpt), data_cfg=cfg)
