@@ -134,7 +134,7 @@ def lookup_ref_logps(path: str, mapping: dict, keys: list[str]) -> list[tuple[fl
 
 # ---- the precompute pass ----------------------------------------------------------------------------
 _MODEL_INPUTS = ("input_ids", "position_ids", "cu_seqlens", "pixel_values", "image_grid_thw", "pixel_values_videos",
-                 "video_grid_thw")
+                 "video_grid_thw", "image_feature_index", "video_feature_index")
 
 
 def load_reference_model(load: str, *, tp: int = 1, pp: int = 1, kernels: str = "torch",
