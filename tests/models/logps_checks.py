@@ -3,8 +3,13 @@
 model on the same weights.
 
   torchrun --nproc_per_node=2 tests/models/logps_checks.py OUT.json HF_DIR CKPT TP:PP [TP:PP ...]
+      [--tool CONFIG WORKDIR TP:PP [TP:PP ...]]
 
 Writes {"TP:PP": {"max_abs_diff": x, "num_pairs": n, "keys_match": bool}, "hf": {key: [c, r]}} (rank 0).
+``--tool``: also ``tools/precompute_ref_logps.py`` (its ``main``, in this process) on CONFIG's preference data
+at each layout, with a random model made for the data's tokenizer (an HF dir and its import under WORKDIR);
+each file against transformers on the same weights, pair by pair from the loader's packs, under
+"tool TP:PP" (max_abs_diff, num_pairs, keys_match).
 The pieces are importable for other checks (e.g. the preference loss terms on top of these log-probs):
 ``preference_pairs`` (the inputs), ``build_pair_packs`` (our packs), ``hf_pair_logps`` (the reference) and
 ``ours_and_hf_pair_logps`` (both, for one layout).
@@ -124,11 +129,135 @@ def ours_and_hf_pair_logps(hf_dir, load, *, tp, pp, pairs=None, kernels="torch",
     return ours, ref
 
 
+# ---- the tool on real preference data -------------------------------------------------------------------
+def make_hf_and_checkpoint(config: str, workdir: str, seed: int = 0):
+    """Collective: a random tiny HF model sized to CONFIG's tokenizer (WORKDIR/hf) and its import
+    (WORKDIR/ckpt, saved by every rank as a DP2 training save would). Returns (hf_dir, ckpt, arch)."""
+    import os
+
+    import transformers
+
+    from mllm_mega.checkpoint.hf_io import HFCheckpointReader
+    from mllm_mega.config import load_config
+    from mllm_mega.data.text import TextProcessor
+    from mllm_mega.models import registry
+    from mllm_mega.models.layout import ParallelLayout
+    from mllm_mega.parallel.initialize import initialize_distributed
+    from mllm_mega.training import checkpointing as ckpt
+    from mllm_mega.training.setup import arch_config_dict
+
+    cfg = load_config(config, ["model.arch=tiny_qwen2_5_vl"])
+    hf = arch_config_dict(cfg, TextProcessor(cfg.data.tokenizer_dir))
+    hf_dir, out = os.path.join(workdir, "hf"), os.path.join(workdir, "ckpt")
+    initialize_distributed(1, 1)
+    if dist.get_rank() == 0:
+        config_cls = transformers.AutoConfig.for_model(hf["model_type"]).__class__
+        hf_config = config_cls(**{k: v for k, v in hf.items() if k != "model_type"})
+        torch.manual_seed(seed)
+        model = getattr(transformers, hf["architectures"][0])(hf_config)
+        with torch.no_grad():  # norms and biases away from 1 / 0, so every parameter matters
+            for name, p in model.named_parameters():
+                if "norm" in name or "ln_q" in name or name.endswith(".bias"):
+                    p.add_(torch.randn_like(p) * 0.1)
+        model.save_pretrained(hf_dir)
+    dist.barrier()
+    reader = HFCheckpointReader(hf_dir)
+    arch = reader.arch
+    spec = registry.spec_of(arch)
+    model = spec.build_stage(arch, ParallelLayout(), kernels="torch")
+    expected = {k: v.shape for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    model.load_state_dict({k: t.float() for k, t in spec.hf_to_ours(arch, reader.get, expected)}, strict=True)
+    ckpt.write_meta(out, {"hf_config": arch.hf_config, "source_dtype": "float32", "source": hf_dir})
+    ckpt.save_checkpoint(out, 0, ckpt.model_sharded_state_dict(model))
+    return hf_dir, out, arch
+
+
+def hf_pack_logps(hf_model, arch, pack: dict) -> dict:
+    """{pair key: (chosen, rejected)} of one loader pack by transformers, each segment alone: its tokens, the
+    images its placeholders point at (``image_feature_index``) with their pixel rows, the labels' tokens."""
+    grids = pack.get("image_grid_thw")
+    grids = grids.tolist() if grids is not None else []
+    unit = arch.vision.spatial_merge_size ** 2
+    feat0, pix0, f, q = [], [], 0, 0
+    for t, h, w in grids:  # where each image's feature rows and pixel rows start
+        feat0.append(f)
+        pix0.append(q)
+        f, q = f + t * h * w // unit, q + t * h * w
+    cu = pack["cu_seqlens"].tolist()
+    image_pos = torch.nonzero(pack["input_ids"] == arch.image_token_id).squeeze(1)
+    feature_index = pack.get("image_feature_index")
+
+    def segment_sum(s):
+        a, b = cu[s], cu[s + 1]
+        ids = pack["input_ids"][a:b][None]
+        labels = pack["labels"][a:b]
+        inp = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+               "mm_token_type_ids": (ids == arch.image_token_id).to(torch.int32)}
+        rows = feature_index[(image_pos >= a) & (image_pos < b)].tolist() if feature_index is not None else []
+        sizes = [t * h * w // unit for t, h, w in grids]
+        images = sorted({i for r in rows for i in range(len(grids)) if feat0[i] <= r < feat0[i] + sizes[i]})
+        if images:
+            inp["pixel_values"] = torch.cat([pack["pixel_values"][pix0[i]:pix0[i] + int(torch.tensor(grids[i]).prod())]
+                                             for i in images])
+            inp["image_grid_thw"] = torch.tensor([grids[i] for i in images])
+        with torch.no_grad():
+            logp = torch.log_softmax(hf_model(**inp).logits[0].float(), dim=-1)  # (L, V)
+        keep = labels != IGNORE
+        return float(logp[keep].gather(1, labels[keep][:, None]).sum())
+
+    return {key: (segment_sum(c), segment_sum(r)) for key, (c, r) in zip(pack["pair_keys"],
+                                                                        pack["pair_segments"].tolist())}
+
+
+def tool_checks(config: str, workdir: str, layouts: list[str]) -> dict:
+    """Collective: the tool at each layout, each file vs transformers on the loader's packs (rank 0)."""
+    import os
+
+    from mllm_mega.checkpoint.convert import load_hf_model
+    from mllm_mega.config import load_config
+    from mllm_mega.data.loader import build_train_loader
+    from mllm_mega.models import registry
+    from mllm_mega.objectives.ref_logps import read_ref_logps
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tools"))
+    from precompute_ref_logps import main as tool_main
+
+    hf_dir, load, arch = make_hf_and_checkpoint(config, workdir)
+    ref = {}
+    if dist.get_rank() == 0:  # the reference: every pack of one epoch on one rank, through transformers
+        cfg = load_config(config, ["data.epochs=1"])
+        hf_model = load_hf_model(hf_dir)
+        loader = build_train_loader(cfg.data, dp_rank=0, dp_size=1, **registry.spec_of(arch).loader_options(arch))
+        for pack in loader:
+            ref.update(hf_pack_logps(hf_model, arch, pack))
+        loader.close()
+    out = {}
+    for layout in layouts:
+        tp, pp = layout.split(":")
+        path = os.path.join(workdir, f"ref_logps.tp{tp}pp{pp}.json")
+        code = tool_main(["--config", config, "--load", load, "--tp", tp, "--pp", pp, "--out", path,
+                          "--no-progress"])
+        if dist.get_rank() == 0:
+            mapping, meta = read_ref_logps(path) if code == 0 else ({}, {})
+            diff = max((abs(a - b) for k in ref for a, b in zip(mapping.get(k, (float("inf"),) * 2), ref[k])),
+                       default=float("inf"))
+            out[f"tool {layout}"] = {"code": code, "max_abs_diff": diff, "num_pairs": len(mapping),
+                                     "keys_match": set(mapping) == set(ref), "layout": meta.get("layout")}
+            print(f"[logps] tool tp={tp} pp={pp} pairs={len(mapping)} max_abs_diff={diff:.3e}", flush=True)
+    return out
+
+
+
 if __name__ == "__main__":
+    import os
+
     from mllm_mega.checkpoint.convert import load_hf_model
 
-    out_path, hf_dir, load, layouts = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-    hf_model = load_hf_model(hf_dir) if int(__import__("os").environ.get("RANK", "0")) == 0 else None
+    argv = sys.argv[1:]
+    tool_args = argv[argv.index("--tool") + 1:] if "--tool" in argv else []
+    argv = argv[:argv.index("--tool")] if "--tool" in argv else argv
+    out_path, hf_dir, load, layouts = argv[0], argv[1], argv[2], argv[3:]
+    hf_model = load_hf_model(hf_dir) if int(os.environ.get("RANK", "0")) == 0 else None
     result = {}
     for layout in layouts:
         tp, pp = (int(x) for x in layout.split(":"))
@@ -138,6 +267,9 @@ if __name__ == "__main__":
             result[layout] = {"max_abs_diff": diff, "num_pairs": len(ours), "keys_match": set(ours) == set(ref)}
             result["hf"] = {k: list(v) for k, v in ref.items()}
             print(f"[logps] tp={tp} pp={pp} pairs={len(ours)} max_abs_diff={diff:.3e}", flush=True)
+    if tool_args:
+        dist.destroy_process_group = lambda *a, **k: None  # the tool's main ends the world; keep it
+        result.update(tool_checks(tool_args[0], tool_args[1], tool_args[2:]))
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(result, f, indent=1)
