@@ -79,11 +79,12 @@ def _tp_info(tp_group):
     return dist.get_rank(group=tp_group), dist.get_world_size(group=tp_group)
 
 
-def weighted_cross_entropy_ref(logits, labels, weights, *, ignore_index=-100, tp_group=None):
-    """sum_i weights_i * (logsumexp(logits_i) - logits_i[labels_i]) over labels_i != ignore_index; fp32 math.
+def cross_entropy_per_token_ref(logits, labels, *, ignore_index=-100, tp_group=None):
+    """ce_i = logsumexp(logits_i) - logits_i[labels_i] per row, 0 where labels_i == ignore_index; fp32 math.
 
-    logits (N, V_local); with a tp_group of world size > 1, rank r holds vocab [r*V_local, (r+1)*V_local).
-    Returns a 0-dim fp32 tensor, differentiable in logits.
+    logits (N, V_local); with a tp_group of world size > 1, rank r holds vocab [r*V_local, (r+1)*V_local)
+    and ce (N,) is the full-vocab value, replicated on every rank. Differentiable in logits; under TP each
+    rank's slice receives its partial derivative of an upstream gradient that is itself replicated.
     """
     rank, world = _tp_info(tp_group)
     x = logits.float()
@@ -102,6 +103,17 @@ def weighted_cross_entropy_ref(logits, labels, weights, *, ignore_index=-100, tp
         lse = row_max + torch.log(sum_exp)
         target = _AllReduceSumSharedLoss.apply(target, tp_group)
     ce = lse - target
+    return torch.where(valid, ce, torch.zeros_like(ce))
+
+
+def weighted_cross_entropy_ref(logits, labels, weights, *, ignore_index=-100, tp_group=None):
+    """sum_i weights_i * (logsumexp(logits_i) - logits_i[labels_i]) over labels_i != ignore_index; fp32 math.
+
+    logits (N, V_local); with a tp_group of world size > 1, rank r holds vocab [r*V_local, (r+1)*V_local).
+    Returns a 0-dim fp32 tensor, differentiable in logits.
+    """
+    ce = cross_entropy_per_token_ref(logits, labels, ignore_index=ignore_index, tp_group=tp_group)
+    valid = labels != ignore_index
     return torch.where(valid, weights.float() * ce, torch.zeros_like(ce)).sum()
 
 
@@ -166,32 +178,33 @@ def _ce_bwd_kernel(LOGITS, DLOGITS, LABELS, WEIGHTS, LSE, GRAD_OUT, stride_row, 
 
 
 # ---- launchers ------------------------------------------------------------------------------------
-def _check_inputs(logits, labels, weights):
+def _check_inputs(logits, labels, weights, name="weighted_cross_entropy"):
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
-        raise ValueError(f"weighted_cross_entropy: logits must be a float tensor (tokens, vocab), got "
+        raise ValueError(f"{name}: logits must be a float tensor (tokens, vocab), got "
                          f"{tuple(getattr(logits, 'shape', ()))} {getattr(logits, 'dtype', type(logits))}")
     if logits.stride(-1) != 1:
-        raise ValueError(f"weighted_cross_entropy: logits must have a contiguous last dim, strides {logits.stride()}")
+        raise ValueError(f"{name}: logits must have a contiguous last dim, strides {logits.stride()}")
     num_rows = logits.shape[0]
     if not isinstance(labels, torch.Tensor) or labels.shape != (num_rows,) or labels.is_floating_point():
-        raise ValueError(f"weighted_cross_entropy: labels must be an integer tensor ({num_rows},), got "
+        raise ValueError(f"{name}: labels must be an integer tensor ({num_rows},), got "
                          f"{tuple(getattr(labels, 'shape', ()))} {getattr(labels, 'dtype', '')}")
-    if not isinstance(weights, torch.Tensor) or weights.shape != (num_rows,) or not weights.is_floating_point():
-        raise ValueError(f"weighted_cross_entropy: weights must be a float tensor ({num_rows},), got "
+    if weights is not None and (not isinstance(weights, torch.Tensor) or weights.shape != (num_rows,)
+                                or not weights.is_floating_point()):
+        raise ValueError(f"{name}: weights must be a float tensor ({num_rows},), got "
                          f"{tuple(getattr(weights, 'shape', ()))} {getattr(weights, 'dtype', '')}")
-    for name, t in (("labels", labels), ("weights", weights)):
-        if t.device != logits.device:
-            raise ValueError(f"weighted_cross_entropy: {name} is on {t.device}, logits on {logits.device}")
+    for arg, t in (("labels", labels), ("weights", weights)):
+        if t is not None and t.device != logits.device:
+            raise ValueError(f"{name}: {arg} is on {t.device}, logits on {logits.device}")
     if logits.shape[1] == 0:
-        raise ValueError("weighted_cross_entropy: logits has an empty vocab dimension")
+        raise ValueError(f"{name}: logits has an empty vocab dimension")
 
 
 def _block_v(vocab_local):
     return min(BLOCK_V, triton.next_power_of_2(vocab_local))
 
 
-def _ce_forward(logits, labels, weights, ignore_index, tp_group):
-    """Returns (loss 0-dim fp32, lse (N,) fp32)."""
+def _ce_stats(logits, labels, ignore_index, tp_group):
+    """Returns (lse (N,) fp32 global log-sum-exp, target (N,) fp32 global target logit)."""
     rank, world = _tp_info(tp_group)
     num_rows, vocab_local = logits.shape
     stats = torch.empty((3, num_rows), dtype=torch.float32, device=logits.device)  # max, sum-exp, target
@@ -207,7 +220,12 @@ def _ce_forward(logits, labels, weights, ignore_index, tp_group):
         combined = torch.stack([sum_exp * torch.exp(row_max - global_max), target])
         dist.all_reduce(combined, op=dist.ReduceOp.SUM, group=tp_group)
         row_max, sum_exp, target = global_max, combined[0], combined[1]
-    lse = row_max + torch.log(sum_exp)
+    return row_max + torch.log(sum_exp), target
+
+
+def _ce_forward(logits, labels, weights, ignore_index, tp_group):
+    """Returns (loss 0-dim fp32, lse (N,) fp32)."""
+    lse, target = _ce_stats(logits, labels, ignore_index, tp_group)
     valid = labels != ignore_index
     loss = torch.where(valid, weights.float() * (lse - target), torch.zeros_like(lse)).sum()
     return loss, lse
@@ -242,6 +260,27 @@ class WeightedCrossEntropyFunction(torch.autograd.Function):
         return dlogits, None, None, None, None
 
 
+class CrossEntropyPerTokenFunction(torch.autograd.Function):
+    """ce (N,) per row; the backward is the weighted kernel's with the per-row upstream gradient in the
+    weights slot and a unit scalar (d logits_i = g_i * (softmax_i - onehot_i); 1.0 * g_i is exact)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, tp_group):
+        lse, target = _ce_stats(logits, labels, ignore_index, tp_group)
+        ce = torch.where(labels != ignore_index, lse - target, torch.zeros_like(lse))
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.ignore_index, ctx.tp_group = ignore_index, tp_group
+        return ce
+
+    @staticmethod
+    def backward(ctx, grad_ce):
+        logits, labels, lse = ctx.saved_tensors
+        unit = torch.ones((), dtype=torch.float32, device=logits.device)
+        dlogits = _ce_backward(unit, logits, labels, grad_ce.float().contiguous(), lse, ctx.ignore_index,
+                               ctx.tp_group)
+        return dlogits, None, None, None
+
+
 # ---- public API ----------------------------------------------------------------------------------
 def weighted_cross_entropy(logits, labels, weights, *, ignore_index=-100, tp_group=None):
     """sum_i weights_i * ce_i over labels_i != ignore_index, a 0-dim fp32 tensor (not normalised).
@@ -254,3 +293,14 @@ def weighted_cross_entropy(logits, labels, weights, *, ignore_index=-100, tp_gro
     _check_inputs(logits, labels, weights)
     return WeightedCrossEntropyFunction.apply(logits, labels.contiguous(), weights.contiguous(), int(ignore_index),
                                               tp_group)
+
+
+def cross_entropy_per_token(logits, labels, *, ignore_index=-100, tp_group=None):
+    """ce_i = logsumexp(logits_i) - logits_i[labels_i] per row, (N,) fp32, 0 where labels_i == ignore_index.
+
+    Same inputs and vocab-parallel convention as ``weighted_cross_entropy`` (the vocabulary is never
+    gathered: one MAX and one SUM all-reduce of per-row statistics); ce is replicated over ``tp_group``.
+    Differentiable in logits with a per-row upstream gradient. -ce_i is the token's log-probability.
+    """
+    _check_inputs(logits, labels, None, name="cross_entropy_per_token")
+    return CrossEntropyPerTokenFunction.apply(logits, labels.contiguous(), int(ignore_index), tp_group)

@@ -27,10 +27,23 @@ def build_objective(cfg, *, reference_model=None):
     from mllm_mega.objectives.preference import PreferenceObjective
 
     o = cfg.objective
-    table = None
+    table, path = None, None
     if o.reference == "precomputed":
-        from mllm_mega.objectives.ref_logps import read_ref_logps
+        from mllm_mega.objectives.ref_logps import open_ref_logps
 
-        table = read_ref_logps(o.ref_logps)
+        path = ref_logps_path(cfg)
+        # refuses a file made from another reference checkpoint or other data (names the key and both values)
+        table = open_ref_logps(path, load=o.reference_from or cfg.model.init_from, data_cfg=cfg.data)
     return PreferenceObjective(beta=o.beta, weights=(o.weight_preference, o.weight_quality, o.weight_generation),
-                               reference_model=reference_model, ref_table=table, ref_path=o.ref_logps)
+                               reference_model=reference_model, ref_table=table, ref_path=path)
+
+
+def ref_logps_path(cfg) -> str:
+    """objective.ref_logps, or where tools/precompute_ref_logps.py writes by default (beside the data)."""
+    if cfg.objective.ref_logps:
+        return cfg.objective.ref_logps
+    import os
+
+    from mllm_mega.objectives.ref_logps import data_shards, default_ref_logps_path
+
+    return default_ref_logps_path(os.path.dirname(os.path.abspath(data_shards(cfg.data)[0])))

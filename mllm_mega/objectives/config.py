@@ -42,7 +42,8 @@ class ObjectiveConfig:
     """resident (a frozen copy of the starting model beside the policy, run in the same step; needs pp=1) |
     precomputed (per-pair reference log-probs read from ref_logps; tools/precompute_ref_logps.py)."""
     ref_logps: str | None = None
-    """precomputed only: the reference log-probs file."""
+    """precomputed only: the reference log-prob file; None = tools/precompute_ref_logps.py's default path,
+    ``ref_logps.ref.json`` beside the data's first shard."""
     reference_from: str | None = None
     """resident only: the reference's checkpoint; None = model.init_from (the policy's starting weights)."""
 
@@ -61,6 +62,3 @@ class ObjectiveConfig:
         if self.name == "preference":
             if self.weight_preference + self.weight_quality + self.weight_generation == 0:
                 raise ValueError("objective: weight_preference, weight_quality and weight_generation are all 0")
-            if self.reference == "precomputed" and not self.ref_logps:
-                raise ValueError("objective.reference=precomputed needs objective.ref_logps (a file written by "
-                                 "tools/precompute_ref_logps.py)")

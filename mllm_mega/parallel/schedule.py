@@ -8,9 +8,11 @@ def forward_only(model, batch, seq_len):
 
     def step(data_iterator, m):
         b = next(data_iterator)
+        # preference packs (shared media, ViT once per pair): passed only when present
+        shared = {k: b[k] for k in ("image_feature_index", "video_feature_index") if b.get(k) is not None}
         out = m(b["input_ids"], b["position_ids"], b["cu_seqlens"], pixel_values=b.get("pixel_values"),
                 image_grid_thw=b.get("image_grid_thw"), pixel_values_videos=b.get("pixel_values_videos"),
-                video_grid_thw=b.get("video_grid_thw"), context_parallel=b.get("context_parallel"))
+                video_grid_thw=b.get("video_grid_thw"), context_parallel=b.get("context_parallel"), **shared)
 
         def collect(output, non_loss_data=False):
             return output

@@ -1,6 +1,6 @@
 """Packed reweighted cross-entropy: loss weights against a per-sample loop, the reference against torch's
 cross_entropy, the Triton kernel (interpreter on CPU) against the reference, and the vocab-parallel path
-on 2 gloo processes against the unsplit reference."""
+on 2 gloo processes against the unsplit reference; the same for the unreduced per-token variant."""
 import importlib
 import math
 import os
@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from mllm_mega.kernels import loss_weights, weighted_cross_entropy, weighted_cross_entropy_ref
+from mllm_mega.kernels import (cross_entropy_per_token, cross_entropy_per_token_ref, loss_weights,
+                               weighted_cross_entropy, weighted_cross_entropy_ref)
 
 ce_mod = importlib.import_module("mllm_mega.kernels.cross_entropy")
 IGNORE = -100
@@ -116,6 +117,55 @@ def test_kernel_all_ignored_and_errors():
         weighted_cross_entropy(logits, torch.zeros(4), torch.ones(4))
 
 
+# ---- the per-token (unreduced) variant ---------------------------------------------------------------
+def test_per_token_ref_matches_torch_cross_entropy():
+    logits = (3 * torch.randn(23, 97)).requires_grad_()
+    labels = _labels(23, 97)
+    ce = cross_entropy_per_token_ref(logits, labels, ignore_index=IGNORE)
+    expected = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")
+    # fp32 both: logsumexp vs log_softmax summation order, values O(5) -> a few ulps
+    torch.testing.assert_close(ce, expected, atol=2e-6, rtol=1e-6)
+    upstream = torch.randn(23)  # a different gradient per token, as a preference loss gives
+    g_ref, = torch.autograd.grad(ce, logits, upstream)
+    g_exp, = torch.autograd.grad(expected, logits, upstream)
+    torch.testing.assert_close(g_ref, g_exp, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_rows,vocab", [(37, 300), (1, 64), (5, 7), (0, 9)])  # ragged chunk, one row, tiny, empty
+def test_per_token_kernel_matches_ref(monkeypatch, num_rows, vocab):
+    monkeypatch.setattr(ce_mod, "BLOCK_V", 64)  # several vocab chunks per row on tiny shapes
+    labels = _labels(num_rows, vocab, ignore_every=4) if num_rows > 1 else torch.randint(0, vocab, (num_rows,))
+    logits = (4 * torch.randn(num_rows, vocab)).requires_grad_()
+    ce = cross_entropy_per_token(logits, labels, ignore_index=IGNORE)
+    ref = cross_entropy_per_token_ref(logits, labels, ignore_index=IGNORE)
+    assert ce.dtype == torch.float32 and ce.shape == (num_rows,)
+    # fp32 online max / sum-exp vs torch.logsumexp on values O(10): a few ulps
+    torch.testing.assert_close(ce, ref, atol=2e-6, rtol=1e-6)
+    assert torch.all(ce[labels == IGNORE] == 0)
+    upstream = torch.randn(num_rows)
+    (grad,) = torch.autograd.grad(ce, logits, upstream)
+    (grad_ref,) = torch.autograd.grad(ref, logits, upstream)
+    torch.testing.assert_close(grad, grad_ref, **TOL[torch.float32])
+    assert torch.all(grad[labels == IGNORE] == 0)
+
+
+def test_per_token_sum_is_the_weighted_loss_bit_for_bit():
+    """The per-token path shares the weighted path's statistics: w . ce equals weighted_cross_entropy."""
+    logits, labels, weights = 3 * torch.randn(29, 70), _labels(29, 70), torch.rand(29)
+    for per_token, weighted in ((cross_entropy_per_token, weighted_cross_entropy),
+                                (cross_entropy_per_token_ref, weighted_cross_entropy_ref)):
+        ce = per_token(logits, labels, ignore_index=IGNORE)
+        assert torch.equal(torch.where(labels != IGNORE, weights * ce, torch.zeros_like(ce)).sum(),
+                           weighted(logits, labels, weights, ignore_index=IGNORE))
+
+
+def test_per_token_errors():
+    with pytest.raises(ValueError, match="cross_entropy_per_token: labels"):
+        cross_entropy_per_token(torch.randn(4, 10), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="cross_entropy_per_token: logits"):
+        cross_entropy_per_token(torch.randn(4), torch.zeros(4, dtype=torch.long))
+
+
 # ---- vocab-parallel (tensor-parallel) path on 2 gloo processes --------------------------------------
 def _tp_worker(rank, world, init_file, result_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -138,8 +188,21 @@ def _tp_worker(rank, world, init_file, result_dir):
         unsplit = full.clone().requires_grad_()
         loss_full = ce.weighted_cross_entropy_ref(unsplit, labels, weights, ignore_index=IGNORE)
         (grad_full,) = torch.autograd.grad(loss_full * 1.5, unsplit)
+        # per-token variant: a per-token upstream gradient (replicated, as a loss over replicated ce gives)
+        upstream = torch.randn(num_tokens)
+        per_token = {}
+        for name, fn in (("kernel", ce.cross_entropy_per_token), ("ref", ce.cross_entropy_per_token_ref)):
+            local = full[:, rank * v_local:(rank + 1) * v_local].clone().requires_grad_()
+            values = fn(local, labels, ignore_index=IGNORE, tp_group=group)
+            (grad,) = torch.autograd.grad(values, local, upstream)
+            per_token[name] = (values.detach(), grad)
+        unsplit = full.clone().requires_grad_()
+        values_full = torch.nn.functional.cross_entropy(unsplit, labels, ignore_index=IGNORE, reduction="none")
+        (grad_values_full,) = torch.autograd.grad(values_full, unsplit, upstream)
         torch.save({"results": results, "loss_full": loss_full.detach(),
-                    "grad_slice": grad_full[:, rank * v_local:(rank + 1) * v_local]},
+                    "grad_slice": grad_full[:, rank * v_local:(rank + 1) * v_local],
+                    "per_token": per_token, "per_token_full": values_full.detach(),
+                    "per_token_grad_slice": grad_values_full[:, rank * v_local:(rank + 1) * v_local]},
                    os.path.join(result_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -156,6 +219,10 @@ def test_vocab_parallel_two_ranks_match_unsplit_reference(tmp_path, monkeypatch)
             # fp32 throughout; the split only changes summation order
             torch.testing.assert_close(loss, out["loss_full"], atol=1e-5, rtol=1e-6, msg=f"{name} loss r{rank}")
             torch.testing.assert_close(grad, out["grad_slice"], atol=1e-6, rtol=1e-5, msg=f"{name} grad r{rank}")
+        for name, (values, grad) in out["per_token"].items():  # against torch's unsplit cross_entropy
+            torch.testing.assert_close(values, out["per_token_full"], atol=2e-6, rtol=1e-6, msg=f"{name} ce r{rank}")
+            torch.testing.assert_close(grad, out["per_token_grad_slice"], atol=1e-6, rtol=1e-5,
+                                       msg=f"{name} per-token grad r{rank}")
 
 
 # ---- GPU ----------------------------------------------------------------------------------------------

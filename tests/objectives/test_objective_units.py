@@ -78,7 +78,6 @@ def test_delta_is_the_mean_of_previous_batch_means_and_round_trips():
     (["objective.name=preference", "objective.preset=ipo"], "objective.preset must be one of"),
     (["objective.name=preference", "objective.beta=0"], "objective.beta must be > 0"),
     (["objective.name=preference", "objective.weight_quality=-1"], "objective.weight_quality must be >= 0"),
-    (["objective.name=preference", "objective.reference=precomputed"], "needs objective.ref_logps"),
     (["objective.name=preference", "parallel.cp=2"], "context parallel"),
     (["objective.name=preference", "parallel.pp=2"], "objective.reference=resident needs parallel.pp=1"),
 ])
