@@ -219,3 +219,54 @@ def _owner(grids, row):
 def _patches(pack, i):
     start = int(pack["image_grid_thw"][:i].prod(-1).sum())
     return pack["pixel_values"][start:start + int(pack["image_grid_thw"][i].prod())]
+
+
+def test_model_shares_vit_features_across_a_pairs_segments(epoch, tok):
+    """Tiny Qwen2.5-VL (TP1, in-process): the pack with its feature index gives the embeddings, logits and
+    ViT gradients of the same pack with every segment holding its own copy of the media, with the ViT run
+    once per image instead of twice."""
+    from mllm_mega.models.qwen2_vl.configuration import arch_from_hf_config
+    from mllm_mega.models.qwen2_vl.family import build_model
+    from mllm_mega.models.qwen2_vl.tiny import tiny_hf_config_dict
+    from mllm_mega.parallel.initialize import initialize_distributed
+
+    initialize_distributed(1, 1)
+    arch = arch_from_hf_config(tiny_hf_config_dict("qwen2_5_vl"))
+    torch.manual_seed(0)
+    model = build_model(arch, kernels="torch")
+    pack = max(epoch[0], key=lambda p: len(p["pair_keys"]))
+    ids = pack["input_ids"] % 400  # text ids into the tiny vocabulary (below its special tokens)
+    for ours, theirs in ((tok.image_token_id, arch.image_token_id), (tok.vision_start_id, arch.vision_start_token_id),
+                         (tok.vision_end_id, arch.vision_end_token_id)):
+        ids[pack["input_ids"] == ours] = theirs
+    grid = pack["image_grid_thw"]
+    assert len(grid) == len(pack["pair_keys"]) >= 2  # one image per synthetic pair
+    shared = dict(pixel_values=pack["pixel_values"], image_grid_thw=grid,
+                  image_feature_index=pack["image_feature_index"])
+    dup = dict(pixel_values=torch.cat([_patches(pack, i) for i in range(len(grid)) for _ in range(2)]),
+               image_grid_thw=grid.repeat_interleave(2, dim=0))
+    rows, embeds, logits, grads = [], [], [], []
+    hook = model.vision.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    embed = model.embed
+    model.embed = lambda *a, **k: embeds.append(embed(*a, **k)) or embeds[-1]  # record the forward's embedding
+    probe = torch.randn(pack["input_ids"].shape[0], arch.text.vocab_size, generator=torch.Generator().manual_seed(1))
+    for kw in (shared, dup):
+        model.zero_grad()
+        out = model(ids, pack["position_ids"], pack["cu_seqlens"], max_seqlen=pack["max_seqlen"], **kw)
+        (out * probe).sum().backward()
+        logits.append(out.detach())
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.vision.parameters() if p.grad is not None]))
+    hook.remove()
+    del model.embed
+    n = pack["pixel_values"].shape[0]
+    assert rows == [n, 2 * n]  # the ViT saw each image once, against twice for the duplicated media
+    # fp32; the ViT sees the same images in a batch of another size, so at most BLAS rounding: measured
+    # 0 (bitwise) for the embeddings and logits, 1.9e-7 relative for the ViT gradients (summed over 2 uses)
+    embed_diff = (embeds[0] - embeds[1]).abs().max().item()
+    logit_diff = (logits[0] - logits[1]).abs().max().item()
+    grad_diff = ((grads[0] - grads[1]).abs().max() / grads[1].abs().max()).item()
+    print(f"embed {embed_diff:.2e} logits {logit_diff:.2e} vit grad (relative) {grad_diff:.2e}")
+    assert embed_diff < 1e-6 and logit_diff < 1e-6 and grad_diff < 1e-6
+    assert grads[1].abs().max() > 0
+    with pytest.raises(ValueError, match="context parallel"):
+        model.embed(ids, context_parallel=object(), **shared)
