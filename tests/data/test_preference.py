@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-from mllm_mega.data import synthetic
 from mllm_mega.data.config import DataConfig
 from mllm_mega.data.loader import build_train_loader
 from mllm_mega.data.preference import parse_preference_sample
@@ -30,7 +29,10 @@ def _pair(key, jpg, chosen="two red circles on the left", rejected="two blue cir
 def dataset(tmp_path_factory):
     """18 synthetic pairs (two shards) plus a shard of 1 good multi-turn pair and 6 bad ones."""
     out = tmp_path_factory.mktemp("prefs")
-    synthetic.make_dataset(str(out), 18, seed=7, num_eval=2, samples_per_shard=9, preference=True)
+    from tools.make_synthetic_dataset import main
+
+    main(["--out", str(out), "--num", "18", "--seed", "7", "--num-eval", "2", "--samples-per-shard", "9",
+          "--preference"])
     jpg = next(iter_shard(list_shards(str(out / "train"))[0]))[0].fields["jpg"]
     multi = [{"from": "human", "value": "<image>\nHow many shapes?"}, {"from": "gpt", "value": "two"},
              {"from": "human", "value": "Describe the image."}]
@@ -101,13 +103,13 @@ def test_parse_pair_token_layout(dataset, tok):
 
 
 def test_bad_pairs_counted_with_reasons(dataset, epoch, capsys):
+    assert "preference: true" in (dataset / "data.yaml").read_text()  # what --preference writes for --config
     packs, skips = epoch
     expected = {"pair_missing": 2, "pair_empty": 1, "pair_identical": 1, "pair_too_long": 1, "json_malformed": 1}
     assert skips == expected
     from tools.check_dataset import main
 
-    main(["--config", str(dataset / "data.yaml"), "--data", str(dataset / "train"), "--decoder", "pil",
-          "--seq-len", str(SEQ)])
+    main(["--data", str(dataset / "train"), "--preference", "--decoder", "pil", "--seq-len", str(SEQ)])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["skipped"] == expected and summary["samples_ok"] == 19 and summary["preference"] is True
 
