@@ -16,7 +16,10 @@ def _pack(gen, num_pairs, num_images):
     return {"input_ids": ids, "labels": ids.clone(), "loss_weights": torch.ones(len(ids)),
             "position_ids": torch.arange(len(ids))[None].expand(3, -1), "cu_seqlens": cu, "max_seqlen": 8,
             "pixel_values": torch.randn(4 * num_images, 6), "image_grid_thw": grid,
-            "image_feature_index": torch.randint(0, max(num_images, 1), (2 * num_pairs,), generator=gen),
+            # per image placeholder its feature row (one row per 1x2x2 image here); every row is used
+            "image_feature_index": torch.cat([torch.arange(num_images), torch.randint(
+                0, max(num_images, 1), (2 * num_pairs,), generator=gen)])[torch.randperm(num_images + 2 * num_pairs,
+                                                                                          generator=gen)],
             "pair_segments": order, "pair_keys": [f"k{int(ids[0])}-{i}" for i in range(num_pairs)]}
 
 

@@ -1,0 +1,274 @@
+"""Preference pairs (data/preference.py): token layout, packs of pairs, shared media, resume, bad pairs,
+concat_packs, and the model's embedding with a feature index (ViT once per pair)."""
+import json
+
+import pytest
+import torch
+
+from mllm_mega.data.config import DataConfig
+from mllm_mega.data.loader import build_train_loader
+from mllm_mega.data.preference import parse_preference_sample
+from mllm_mega.data.shards import iter_shard, list_shards, write_shard
+from mllm_mega.data.text import TextProcessor
+from mllm_mega.training.step import concat_packs
+
+SEQ = 256
+IM_END = "<|im_end|>"
+
+
+def _pair(key, jpg, chosen="two red circles on the left", rejected="two blue circles on the left", **extra):
+    meta = {"messages": [{"role": "user", "content": "<image>\nDescribe the image."}], **extra}
+    if chosen is not None:
+        meta["chosen"] = chosen
+    if rejected is not None:
+        meta["rejected"] = rejected
+    return key, {"jpg": jpg, "json": json.dumps(meta).encode()}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """18 synthetic pairs (two shards) plus a shard of 1 good multi-turn pair and 6 bad ones."""
+    out = tmp_path_factory.mktemp("prefs")
+    from tools.make_synthetic_dataset import main
+
+    main(["--out", str(out), "--num", "18", "--seed", "7", "--num-eval", "2", "--samples-per-shard", "9",
+          "--preference"])
+    jpg = next(iter_shard(list_shards(str(out / "train"))[0]))[0].fields["jpg"]
+    multi = [{"from": "human", "value": "<image>\nHow many shapes?"}, {"from": "gpt", "value": "two"},
+             {"from": "human", "value": "Describe the image."}]
+    samples = [
+        ("multi", {"jpg": jpg, "json": json.dumps({"conversations": multi, "chosen": "two red circles",
+                                                     "rejected": [{"role": "assistant", "content": "one"}]}).encode()}),
+        _pair("no_rejected", jpg, rejected=None),
+        _pair("empty_chosen", jpg, chosen="  "),
+        _pair("identical", jpg, rejected="two red circles on the left"),
+        _pair("too_long", jpg, chosen="red " * 120, rejected="blue " * 120),
+        ("sft", {"jpg": jpg, "txt": b"two red circles"}),
+        ("ends_with_answer", {"jpg": jpg, "json": json.dumps({"conversations": multi[:2], "chosen": "a",
+                                                               "rejected": "b"}).encode()}),
+    ]
+    write_shard(str(out / "train" / "shard-000009.tar"), samples)
+    return out
+
+
+def _cfg(dataset, **kw):
+    base = dict(data_path=str(dataset / "train"), tokenizer_dir=str(dataset / "tokenizer"), seq_len=SEQ,
+                buffer_size=10, min_pack_fill=0.5, preference=True, decoder="pil", num_workers=1, seed=3,
+                jpeg_prob=0.5)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def epoch(dataset):
+    """One epoch of packs (prefetch off) and the loader's skip counts."""
+    loader = build_train_loader(_cfg(dataset, epochs=1, prefetch=0), dp_rank=0, dp_size=1)
+    packs = list(loader)
+    return packs, loader.skip_counts
+
+
+@pytest.fixture(scope="module")
+def raw_pairs(dataset):
+    return {raw.key: json.loads(raw.fields["json"]) for shard in list_shards(str(dataset / "train"))
+            for raw, _ in iter_shard(shard) if "json" in raw.fields}
+
+
+@pytest.fixture(scope="module")
+def tok(dataset):
+    return TextProcessor(str(dataset / "tokenizer"))
+
+
+def _completion(c):
+    return c if isinstance(c, str) else c[0]["content"]
+
+
+def test_parse_pair_token_layout(dataset, tok):
+    raw = next(r for r, _ in iter_shard(str(dataset / "train" / "shard-000009.tar")) if r.key == "multi")
+    spec = parse_preference_sample(raw, tok, _cfg(dataset))
+    (c, r) = spec.segments()
+    assert spec.length == c.length + r.length and spec.num_media == 1
+    # the prompt, rendered by the tokenizer's own chat template (vision block collapsed to one pad)
+    messages = [{"role": "user", "content": "<|vision_start|><|image_pad|><|vision_end|>\nHow many shapes?"},
+                {"role": "assistant", "content": "two"}, {"role": "user", "content": "Describe the image."}]
+    prompt = tok.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    for seg, completion in ((c, "two red circles"), (r, "one")):
+        n = len(tok.tokenizer(completion + IM_END, add_special_tokens=False)["input_ids"])
+        start = len(seg.input_ids) - 1 - n  # the template's "\n" after <|im_end|> ends the segment
+        text = tok.tokenizer.decode(seg.input_ids[:start]).replace("<|image_pad|>", "")
+        assert text == prompt.replace("<|image_pad|>", "")
+        # exactly the final completion is supervised: not the prompt's assistant turn "two"
+        assert seg.supervised.nonzero()[0].tolist() == list(range(start, start + n))
+        assert tok.tokenizer.decode(seg.input_ids[seg.supervised]) == completion + IM_END
+    assert (c.input_ids[:start] == r.input_ids[:start]).all() and (c.token_types[:start] == r.token_types[:start]).all()
+
+
+def test_bad_pairs_counted_with_reasons(dataset, epoch, capsys):
+    assert "preference: true" in (dataset / "data.yaml").read_text()  # what --preference writes for --config
+    packs, skips = epoch
+    expected = {"pair_missing": 2, "pair_empty": 1, "pair_identical": 1, "pair_too_long": 1, "json_malformed": 1}
+    assert skips == expected
+    from tools.check_dataset import main
+
+    main(["--data", str(dataset / "train"), "--preference", "--decoder", "pil", "--seq-len", str(SEQ)])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["skipped"] == expected and summary["samples_ok"] == 19 and summary["preference"] is True
+
+
+def test_packs_of_pairs(epoch, raw_pairs, tok):
+    packs, _ = epoch
+    keys = [k for p in packs for k in p["pair_keys"]]
+    good = sorted(k for k in raw_pairs if k.startswith("train")) + ["multi"]
+    assert sorted(keys) == sorted(good)  # every pair exactly once: never split, never duplicated
+    assert max(len(p["pair_keys"]) for p in packs) >= 2
+    for pack in packs:
+        cu, ids, labels, w = pack["cu_seqlens"].tolist(), pack["input_ids"], pack["labels"], pack["loss_weights"]
+        pairs = pack["pair_segments"].tolist()
+        assert len(pairs) == len(pack["pair_keys"]) == pack["num_samples"]
+        image_rows = (pack["image_grid_thw"].prod(-1) // 4).tolist()
+        assert len(image_rows) == len(pairs) and pack["pixel_values"].shape[0] == sum(4 * n for n in image_rows)
+        index, rows_before = pack["image_feature_index"], 0
+        img_pos = (ids == tok.image_token_id).nonzero().squeeze(1)
+        assert index.shape == img_pos.shape
+        for p, ((s0, s1), key) in enumerate(zip(pairs, pack["pair_keys"])):
+            assert s1 == s0 + 1  # adjacent, chosen then rejected
+            meta = raw_pairs[key]
+            for seg, name, weighted in ((s0, "chosen", True), (s1, "rejected", False)):
+                a, b = cu[seg], cu[seg + 1]
+                sup = labels[a:b] != -100
+                assert tok.tokenizer.decode(labels[a:b][sup]) == _completion(meta[name]) + IM_END
+                assert (pack["position_ids"][:, a] == 0).all()  # positions restart per segment
+                # token reweighting: 1 on the chosen completion, 0 on the rejected segment
+                assert torch.equal(w[a:b], sup.float() if weighted else torch.zeros(b - a))
+                # both segments' placeholders take the pair's own feature rows, in order
+                in_seg = (img_pos >= a) & (img_pos < b)
+                assert index[in_seg].tolist() == list(range(rows_before, rows_before + image_rows[p]))
+            rows_before += image_rows[p]
+        assert (labels[cu[2 * len(pairs)]:] == -100).all() and w[cu[2 * len(pairs)]:].sum() == 0  # padding
+
+
+def test_synthetic_pairs_change_one_attribute(raw_pairs):
+    pairs = [m for k, m in raw_pairs.items() if k.startswith("train")]
+    assert {m["changed"] for m in pairs} == {"colour", "count", "kind", "region"}
+    for m in pairs:
+        def attributes(caption):  # "two red circles on the left" -> count, colour, kind, region
+            words = caption.split()
+            return {"count": words[0], "colour": words[1], "kind": words[2].rstrip("s"), "region": words[3:]}
+
+        a, b = attributes(m["chosen"]), attributes(m["rejected"])
+        assert [k for k in a if a[k] != b[k]] == [m["changed"]], (m["chosen"], m["rejected"])
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_exact_resume(dataset, prefetch):
+    k, more = 2, 4
+    loader = build_train_loader(_cfg(dataset, prefetch=prefetch), dp_rank=0, dp_size=1)
+    for _ in range(k):
+        next(loader)
+    state = json.loads(json.dumps(loader.state_dict()))
+    assert state["buffer"] or state["ready"]
+    expected = [next(loader) for _ in range(more)]
+    resumed = build_train_loader(_cfg(dataset, prefetch=2 - prefetch), dp_rank=0, dp_size=1)
+    resumed.load_state_dict(state)
+    for want in expected:
+        got = next(resumed)
+        assert got.keys() == want.keys()
+        for key in want:
+            same = torch.equal(got[key], want[key]) if isinstance(want[key], torch.Tensor) else got[key] == want[key]
+            assert same, key
+    assert resumed.skip_counts == loader.skip_counts and resumed.stats == loader.stats
+    with pytest.raises(ValueError, match="preference"):  # a pair stream does not resume as SFT data
+        build_train_loader(_cfg(dataset, preference=False), dp_rank=0, dp_size=1).load_state_dict(state)
+
+
+def test_preference_config_validated(dataset):
+    with pytest.raises(ValueError, match="preference"):
+        _cfg(dataset, preference="yes")
+
+
+def test_concat_packs_keeps_pairs_on_their_segments(epoch):
+    packs, _ = epoch
+    a, b, c = packs[:3]
+    cat = concat_packs([a, b, c])
+    cu, pos = cat["cu_seqlens"].tolist(), 0
+    assert cat["pair_keys"] == a["pair_keys"] + b["pair_keys"] + c["pair_keys"]
+    for pack in (a, b, c):
+        pcu = pack["cu_seqlens"].tolist()
+        for (s0, s1), (t0, t1) in zip(pack["pair_segments"].tolist(), cat["pair_segments"][pos:].tolist()):
+            for s, t in ((s0, t0), (s1, t1)):
+                assert torch.equal(pack["input_ids"][pcu[s]:pcu[s + 1]], cat["input_ids"][cu[t]:cu[t + 1]])
+                assert torch.equal(pack["labels"][pcu[s]:pcu[s + 1]], cat["labels"][cu[t]:cu[t + 1]])
+        pos += len(pack["pair_keys"])
+    # every placeholder's feature row is the same row of the same image as in its own pack
+    offset = 0
+    for pack in (a, b, c):
+        local = pack["image_feature_index"]
+        for row_local, row_cat in zip(local.tolist(), cat["image_feature_index"][offset:offset + len(local)].tolist()):
+            (i, r), (j, q) = _owner(pack["image_grid_thw"], row_local), _owner(cat["image_grid_thw"], row_cat)
+            assert r == q and torch.equal(_patches(pack, i), _patches(cat, j))
+        offset += len(local)
+    assert offset == cat["image_feature_index"].numel()
+
+
+def _owner(grids, row):
+    """(image, row within it) of a feature row (merge 2: t*h*w/4 rows per image)."""
+    for i, n in enumerate((grids.prod(-1) // 4).tolist()):
+        if row < n:
+            return i, row
+        row -= n
+    raise AssertionError("feature row past the last image")
+
+
+def _patches(pack, i):
+    start = int(pack["image_grid_thw"][:i].prod(-1).sum())
+    return pack["pixel_values"][start:start + int(pack["image_grid_thw"][i].prod())]
+
+
+def test_model_shares_vit_features_across_a_pairs_segments(epoch, tok):
+    """Tiny Qwen2.5-VL (TP1, in-process): the pack with its feature index gives the embeddings, logits and
+    ViT gradients of the same pack with every segment holding its own copy of the media, with the ViT run
+    once per image instead of twice."""
+    from mllm_mega.models.qwen2_vl.configuration import arch_from_hf_config
+    from mllm_mega.models.qwen2_vl.family import build_model
+    from mllm_mega.models.qwen2_vl.tiny import tiny_hf_config_dict
+    from mllm_mega.parallel.initialize import initialize_distributed
+
+    initialize_distributed(1, 1)
+    arch = arch_from_hf_config(tiny_hf_config_dict("qwen2_5_vl"))
+    torch.manual_seed(0)
+    model = build_model(arch, kernels="torch")
+    pack = max(epoch[0], key=lambda p: len(p["pair_keys"]))
+    ids = pack["input_ids"] % 400  # text ids into the tiny vocabulary (below its special tokens)
+    for ours, theirs in ((tok.image_token_id, arch.image_token_id), (tok.vision_start_id, arch.vision_start_token_id),
+                         (tok.vision_end_id, arch.vision_end_token_id)):
+        ids[pack["input_ids"] == ours] = theirs
+    grid = pack["image_grid_thw"]
+    assert len(grid) == len(pack["pair_keys"]) >= 2  # one image per synthetic pair
+    shared = dict(pixel_values=pack["pixel_values"], image_grid_thw=grid,
+                  image_feature_index=pack["image_feature_index"])
+    dup = dict(pixel_values=torch.cat([_patches(pack, i) for i in range(len(grid)) for _ in range(2)]),
+               image_grid_thw=grid.repeat_interleave(2, dim=0))
+    rows, embeds, logits, grads = [], [], [], []
+    hook = model.vision.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    embed = model.embed
+    model.embed = lambda *a, **k: embeds.append(embed(*a, **k)) or embeds[-1]  # record the forward's embedding
+    probe = torch.randn(pack["input_ids"].shape[0], arch.text.vocab_size, generator=torch.Generator().manual_seed(1))
+    for kw in (shared, dup):
+        model.zero_grad()
+        out = model(ids, pack["position_ids"], pack["cu_seqlens"], max_seqlen=pack["max_seqlen"], **kw)
+        (out * probe).sum().backward()
+        logits.append(out.detach())
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.vision.parameters() if p.grad is not None]))
+    hook.remove()
+    del model.embed
+    n = pack["pixel_values"].shape[0]
+    assert rows == [n, 2 * n]  # the ViT saw each image once, against twice for the duplicated media
+    # fp32; the ViT sees the same images in a batch of another size, so at most BLAS rounding: measured
+    # 0 (bitwise) for the embeddings and logits, 1.9e-7 relative for the ViT gradients (summed over 2 uses)
+    embed_diff = (embeds[0] - embeds[1]).abs().max().item()
+    logit_diff = (logits[0] - logits[1]).abs().max().item()
+    grad_diff = ((grads[0] - grads[1]).abs().max() / grads[1].abs().max()).item()
+    print(f"embed {embed_diff:.2e} logits {logit_diff:.2e} vit grad (relative) {grad_diff:.2e}")
+    assert embed_diff < 1e-6 and logit_diff < 1e-6 and grad_diff < 1e-6
+    assert grads[1].abs().max() > 0
+    with pytest.raises(ValueError, match="context parallel"):
+        model.embed(ids, context_parallel=object(), **shared)
