@@ -303,6 +303,8 @@ class Config:
         if o.name == "preference" and self.parallel.cp > 1:
             raise ValueError("objective.name=preference does not support context parallel (parallel.cp="
                              f"{self.parallel.cp}): use parallel.cp=1")
+        if o.name == "preference" and not self.data.preference:
+            raise ValueError("objective.name=preference trains on preference pairs: set data.preference=true")
         if o.name == "preference" and o.reference == "resident" and self.parallel.pp > 1:
             raise ValueError(f"objective.reference=resident needs parallel.pp=1 (got {self.parallel.pp}): the "
                              "reference forward is not pipelined; precompute the reference log-probs "

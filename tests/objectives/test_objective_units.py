@@ -78,11 +78,13 @@ def test_delta_is_the_mean_of_previous_batch_means_and_round_trips():
 @pytest.mark.parametrize("overrides, message", [
     (["objective.nme=preference"], "did you mean 'objective.name'"),
     (["objective.name=dpo"], "objective.name must be one of"),
-    (["objective.name=preference", "objective.preset=ipo"], "objective.preset must be one of"),
-    (["objective.name=preference", "objective.beta=0"], "objective.beta must be > 0"),
-    (["objective.name=preference", "objective.weight_quality=-1"], "objective.weight_quality must be >= 0"),
-    (["objective.name=preference", "parallel.cp=2"], "context parallel"),
-    (["objective.name=preference", "parallel.pp=2"], "objective.reference=resident needs parallel.pp=1"),
+    (["objective.name=preference", "data.preference=true", "objective.preset=ipo"], "objective.preset must be one of"),
+    (["objective.name=preference", "data.preference=true", "objective.beta=0"], "objective.beta must be > 0"),
+    (["objective.name=preference", "data.preference=true", "objective.weight_quality=-1"], "objective.weight_quality must be >= 0"),
+    (["objective.name=preference", "data.preference=true", "parallel.cp=2"], "context parallel"),
+    (["objective.name=preference", "data.preference=true", "parallel.pp=2"],
+     "objective.reference=resident needs parallel.pp=1"),
+    (["objective.name=preference"], "set data.preference=true"),
 ])
 def test_objective_config_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -90,12 +92,12 @@ def test_objective_config_errors(overrides, message):
 
 
 def test_objective_presets_and_overrides():
-    cfg = load_config(None, ["objective.name=preference", "objective.preset=mpo", "objective.weight_generation=0.5"])
+    cfg = load_config(None, ["objective.name=preference", "data.preference=true", "objective.preset=mpo", "objective.weight_generation=0.5"])
     o = cfg.objective
     assert (o.weight_preference, o.weight_quality, o.weight_generation) == (0.8, 0.2, 0.5)
-    o = load_config(None, ["objective.name=preference", "objective.preset=dpo_bco"]).objective
+    o = load_config(None, ["objective.name=preference", "data.preference=true", "objective.preset=dpo_bco"]).objective
     assert (o.weight_preference, o.weight_quality, o.weight_generation) == (1.0, 1.0, 0.0)
     assert load_config(None, []).objective.name == "next_token"
     # a precomputed reference allows pipeline parallelism
-    load_config(None, ["objective.name=preference", "objective.reference=precomputed", "objective.ref_logps=x",
+    load_config(None, ["objective.name=preference", "data.preference=true", "objective.reference=precomputed", "objective.ref_logps=x",
                        "parallel.pp=2"])
