@@ -44,19 +44,20 @@ def train(config: str, *overrides: str, nproc: int = 1, env=None, timeout=600):
                    timeout=timeout)
 
 
-def train_many(tmp: str, runs: dict, nproc: int = 1, env=None, timeout=900) -> dict:
+def train_many(tmp: str, runs: dict, nproc: int = 1, env=None, timeout=900, tools: dict | None = None) -> dict:
     """Several trainer runs in ONE launch (tests/training/run_many.py: the start-up and imports are paid once).
 
     ``runs`` maps a name to ``(config, [overrides...])`` or ``(config, [overrides...], [(src, dst), ...])``
     (files copied when that run has ended); they run in this order (a later run may start from an
-    earlier one's checkpoint). Returns name -> an object with ``returncode``, ``stdout`` and ``stderr`` of that
+    earlier one's checkpoint). ``tools`` maps a run's name to a tool (``tools/X.py``) whose ``main`` that run
+    calls with the same arguments instead of the trainer's. Returns name -> an object with ``returncode``, ``stdout`` and ``stderr`` of that
     run alone (all ranks' output, rank 0 first, as torchrun merges it), like ``train``'s result. A run the launch
     never finished has returncode None and the launch's own output."""
     spec, prefixes = [], {}
     for name, (config, overrides, *copies) in runs.items():
         prefixes[name] = os.path.join(tmp, f"log_{name}")
         spec.append({"argv": ["--config", config, *overrides], "log": prefixes[name],
-                     "copy": [list(c) for c in (copies[0] if copies else [])]})
+                     "copy": [list(c) for c in (copies[0] if copies else [])], "tool": (tools or {}).get(name)})
     path = os.path.join(tmp, "runs.json")
     with open(path, "w") as f:
         json.dump(spec, f)

@@ -13,9 +13,11 @@ return code. With ``log``, a run's stdout and stderr (file descriptors 1 and 2, 
 too) go to ``PREFIX.rank<R>.out`` / ``.err`` and its return code to ``PREFIX.rank<R>.rc``, and a non-zero return
 code does not stop the later runs (tests/training/conftest.py's ``train_many`` reads them back per run, as if
 each had been its own launch). An exception that escapes ``main`` stops the launch (the other ranks may be
-waiting in a collective).
+waiting in a collective). A run with ``"tool": "tools/X.py"`` calls that tool's ``main(argv)`` instead (e.g.
+tools/precompute_ref_logps.py between two training runs), in the same world.
 """
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -49,14 +51,22 @@ def _redirected(prefix: str | None):
             os.close(saved[1])
 
 
+def _tool_main(path: str):
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
 if __name__ == "__main__":
     dist.destroy_process_group = lambda *a, **k: None
     with open(sys.argv[1]) as f:
         runs = json.load(f)
     for run in runs:
         argv, prefix = (run, None) if isinstance(run, list) else (run["argv"], run.get("log"))
+        entry = main if isinstance(run, list) or not run.get("tool") else _tool_main(run["tool"])
         with _redirected(prefix):
-            code = main(argv)
+            code = entry(argv)
         if os.environ.get("RANK", "0") == "0" and isinstance(run, dict):
             for src, dst in run.get("copy", []):
                 shutil.copyfile(src, dst)
