@@ -2,8 +2,8 @@
 
 Checkpoint ``run_dir/checkpoints/iter_XXXXXXX`` holds (megatron dist checkpoint) the model and the
 distributed optimizer's state, both resharded on load at another TP/PP; plus ``extra/``: ``train_state.json``
-(iteration, consumed samples, LR scheduler, counters, layout), ``data_dp{d}.json`` (each data-parallel rank's
-loader state) and ``rng_rank{r}.pt`` (Python/NumPy/torch/CUDA and megatron's tracker RNG states). Resuming
+(iteration, consumed samples, LR scheduler, counters, layout, the objective's state such as BCO's running
+delta), ``data_dp{d}.json`` (each data-parallel rank's loader state) and ``rng_rank{r}.pt`` (Python/NumPy/torch/CUDA and megatron's tracker RNG states). Resuming
 at the same layout continues bit-identically (the resume test compares losses and grad norms exactly).
 
 SIGTERM / SIGUSR1 (SLURM's warning before the time limit, then ``--requeue``) set a flag; at the next step

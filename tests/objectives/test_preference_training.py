@@ -40,12 +40,12 @@ def runs(tmp_path_factory):
     init = os.path.join(d["full"], "checkpoints", "iter_0000000")
     ref = os.path.join(tmp, "ref_logps.json")
     res = train_many(tmp, {
-        "full": (path, [f"run_dir={d['full']}", "checkpoint.save_initial=true"]),
+        "full": (path, [f"run_dir={d['full']}", "checkpoint.save_initial=true", "checkpoint.save_on_exit=false"]),
         "part": (path, [f"run_dir={d['part']}", "train.exit_interval=2"]),
-        "resume": (path, [f"run_dir={d['part']}"]),
+        "resume": (path, [f"run_dir={d['part']}", "checkpoint.save_on_exit=false"]),
         "precompute": (path, ["--load", init, "--out", ref, "--no-progress"]),
         "pre": (path, [f"run_dir={d['pre']}", f"model.init_from={init}", "objective.reference=precomputed",
-                       f"objective.ref_logps={ref}", "train.max_steps=2"]),
+                       f"objective.ref_logps={ref}", "train.max_steps=2", "checkpoint.save_on_exit=false"]),
     }, tools={"precompute": "tools/precompute_ref_logps.py"})
     return {"dirs": d, "res": res, "ref": ref}
 
