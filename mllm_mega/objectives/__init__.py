@@ -47,3 +47,22 @@ def ref_logps_path(cfg) -> str:
     from mllm_mega.objectives.ref_logps import data_shards, default_ref_logps_path
 
     return default_ref_logps_path(os.path.dirname(os.path.abspath(data_shards(cfg.data)[0])))
+
+
+def build_resident_reference(cfg, spec, arch, layout, *, kernels: str, dtype, policy):
+    """The resident reference: this rank's stage in the policy's layout, frozen (no grads, never in the
+    optimizer), loaded from objective.reference_from or model.init_from; with neither, a copy of ``policy``'s
+    current (initial) weights."""
+    import torch
+
+    from mllm_mega.training.checkpointing import load_model_weights
+
+    source = cfg.objective.reference_from or cfg.model.init_from
+    ref = spec.build_stage(arch, layout, kernels=kernels, params_dtype=dtype)
+    with torch.no_grad():
+        if source:
+            load_model_weights(source, ref)
+        else:
+            ref.load_state_dict(policy.state_dict(), strict=True)
+    ref.requires_grad_(False)
+    return ref.eval()

@@ -3,8 +3,8 @@
 Checkpoint ``run_dir/checkpoints/iter_XXXXXXX`` holds (megatron dist checkpoint) the model and the
 distributed optimizer's state, both resharded on load at another TP/PP; plus ``extra/``: ``train_state.json``
 (iteration, consumed samples, LR scheduler, counters, layout, the objective's state such as BCO's running
-delta), ``data_dp{d}.json`` (each data-parallel rank's loader state) and ``rng_rank{r}.pt`` (Python/NumPy/torch/CUDA and megatron's tracker RNG states). Resuming
-at the same layout continues bit-identically (the resume test compares losses and grad norms exactly).
+delta), ``data_dp{d}.json`` (each data-parallel rank's loader state) and ``rng_rank{r}.pt``
+(Python/NumPy/torch/CUDA and megatron's tracker RNG states). Resuming at the same layout continues bit-identically (the resume test compares losses and grad norms exactly).
 
 SIGTERM / SIGUSR1 (SLURM's warning before the time limit, then ``--requeue``) set a flag; at the next step
 boundary every rank agrees on it, the run saves and exits 0, and the requeued job resumes automatically.
@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from mllm_mega.config import Config
 from mllm_mega.models.common.kernel_choice import resolve_kernels
-from mllm_mega.objectives import build_objective
+from mllm_mega.objectives import build_objective, build_resident_reference
 from mllm_mega.training import checkpointing as ckpt
 from mllm_mega.training import integrity, resume, setup
 from mllm_mega.training.flops import device_peak_tflops, pack_flops, training_multipliers
@@ -71,8 +71,13 @@ class Trainer:
         if resume_from is None and cfg.model.init_from:
             ckpt.load_model_weights(cfg.model.init_from, self.model)
             self._print(f"[train] initial weights from {cfg.model.init_from}")
-        reference = self._build_reference() if cfg.objective.name == "preference" and \
-            cfg.objective.reference == "resident" else None
+        reference = None
+        if cfg.objective.name == "preference" and cfg.objective.reference == "resident":
+            # before any resume load: a random-init policy still holds its (seeded) starting weights here
+            reference = build_resident_reference(cfg, self.spec, self.arch, setup.layout_of(cfg),
+                                                 kernels=self.kernels, dtype=self.dtype, policy=self.model)
+            self._print(f"[train] resident reference model from "
+                        f"{cfg.objective.reference_from or cfg.model.init_from or 'the initial (random) weights'}")
         self.objective = build_objective(cfg, reference_model=reference)
         setup.apply_freeze(self.model, cfg)
         self.frozen = setup.frozen_groups(self.arch, cfg)
@@ -100,23 +105,6 @@ class Trainer:
                     f"{[k for k, v in self.frozen.items() if v] or 'none'}) | dtype {str(self.dtype)[6:]} | "
                     f"kernels {self.kernels} | {self.num_microbatches} micro-batch(es) of {mbs} pack(s) x "
                     f"{cfg.data.seq_len} tokens per DP rank and step")
-
-    def _build_reference(self):
-        """The resident reference: this rank's stage in the policy's layout, frozen (no grads, no optimizer),
-        from objective.reference_from or the policy's starting weights (model.init_from; a random-init policy's
-        weights copied before any resume overwrites them)."""
-        source = self.cfg.objective.reference_from or self.cfg.model.init_from
-        ref = self.spec.build_stage(self.arch, setup.layout_of(self.cfg), kernels=self.kernels,
-                                    params_dtype=self.dtype)
-        with torch.no_grad():
-            if source:
-                ckpt.load_model_weights(source, ref)
-            else:  # the policy is still its seeded random init here (a resume loads its weights later)
-                ref.load_state_dict(self.model.state_dict(), strict=True)
-        ref.requires_grad_(False)
-        ref.eval()
-        self._print(f"[train] resident reference model from {source or 'the initial (random) weights'}")
-        return ref
 
     # --- helpers -----------------------------------------------------------------------------------
     def _print(self, msg: str) -> None:

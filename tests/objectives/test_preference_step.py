@@ -216,3 +216,29 @@ def test_next_token_objective(env, tmp_path):
             den += float(p["loss_weights"].double().sum())
     assert a["loss"] == pytest.approx(num / den, rel=1e-6)
     assert a["weight_sum"] == pytest.approx(den, rel=1e-12)
+
+
+def test_dpo_steps_on_one_batch_raise_its_reward_accuracy(env, tmp_path):
+    """Optimisation direction: repeated DPO steps on one global batch (resident reference = the start) lower
+    the preference loss every step and rank every chosen completion above its rejected one (measured: loss
+    0.693 -> 0.457 in 5 steps at lr 1e-3, accuracy 1.0 from step 2)."""
+    from megatron.core import parallel_state as ps
+
+    from mllm_mega.config import load_config
+    from mllm_mega.training import setup
+
+    cfg = load_config(None, [f"run_dir={tmp_path}", "optimizer.lr=1e-3", "optimizer.decay_style=constant"])
+    model, ref = _build(env["arch"], env["init"]), _build(env["arch"], env["init"])
+    ddp = setup.wrap_ddp(model, cfg)
+    optimizer, _ = setup.build_optimizer(ddp, cfg, torch.float32)
+    objective = PreferenceObjective(reference_model=ref)
+    micro = [objective.collate(env["packs"][i:i + 2]) for i in (0, 2)]
+    losses, accuracy = [], []
+    for _ in range(5):
+        res = train_step(ddp, optimizer, micro, kernels="torch", dp_group=ps.get_data_parallel_group(),
+                         objective=objective)
+        losses.append(res["loss_preference"])
+        accuracy.append(res["rewards_accuracy"])
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-15)
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.5, losses
+    assert accuracy[-1] == 1.0 and not any(p.grad is not None for p in ref.parameters())
