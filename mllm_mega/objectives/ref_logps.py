@@ -250,6 +250,10 @@ def precompute_to_file(cfg, *, load: str, tp: int, pp: int, out: str | None = No
     reference checkpoint ``load`` at TP x PP (DP = the rest of the world); rank 0 writes the file.
 
     Returns (path, number of pairs written, skipped-sample counts summed over DP ranks)."""
+    shards = data_shards(cfg.data)  # bad paths fail here, before the heavy imports
+    path = out or default_ref_logps_path(os.path.dirname(os.path.abspath(shards[0])), name)
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise FileNotFoundError(f"output {path!r}: its directory does not exist")
     import dataclasses
 
     import torch.distributed as dist
@@ -259,10 +263,6 @@ def precompute_to_file(cfg, *, load: str, tp: int, pp: int, out: str | None = No
     from mllm_mega.models import registry
     from mllm_mega.training.setup import resolve_dtype
 
-    shards = data_shards(cfg.data)
-    path = out or default_ref_logps_path(os.path.dirname(os.path.abspath(shards[0])), name)
-    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise FileNotFoundError(f"--out {path!r}: its directory does not exist")
     kernels = kernels or cfg.model.kernels
     dtype = resolve_dtype(cfg)
     model, arch = load_reference_model(load, tp=tp, pp=pp, kernels=kernels, dtype=dtype,
