@@ -191,6 +191,7 @@ def precompute_ref_logps(model, packs, *, kernels: str = "torch", progress: bool
     writer = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     local: dict = {}
+    duplicates: list = []
     show = progress and dist.get_rank() == 0
     for pack in tqdm(packs, total=total, desc="ref log-probs", unit="pack", disable=not show):
         batch = {k: pack[k].to(device) for k in _MODEL_INPUTS if pack.get(k) is not None}
@@ -203,12 +204,15 @@ def precompute_ref_logps(model, packs, *, kernels: str = "torch", progress: bool
         if writer:
             for key, value in pack_pair_logps(sums, pack).items():
                 if key in local:
-                    raise ValueError(f"sample key {key!r} appears twice in the data (keys must be unique)")
+                    duplicates.append(key)
                 local[key] = value
+    # a duplicated key is reported after the gather, on every rank (raising mid-loop would hang the others)
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
+    dist.all_gather_object(gathered, (local, duplicates))
     merged: dict = {}
-    for part in gathered:
+    for part, dups in gathered:
+        if dups:
+            raise ValueError(f"sample key {dups[0]!r} appears twice in the data (keys must be unique)")
         for key, value in part.items():
             if key in merged:
                 raise ValueError(f"sample key {key!r} was read by two data-parallel ranks (keys must be unique)")

@@ -39,6 +39,7 @@ def test_pair_logps_match_hf_at_tp1_tp2_pp2(tiny_hf_dirs, imported, tmp_path):
     assert len(result["hf"]) == 4 and all(c < -1 and r < -1 for c, r in result["hf"].values())  # real sums
     r = result["2:1"]
     assert r["keys_match"] and r["num_pairs"] == 4 and r["max_abs_diff"] < ATOL, r
+    assert "read by two data-parallel ranks" in result["duplicate_error"], result["duplicate_error"]
     for layout in TOOL_LAYOUTS:
         r = result[f"tool {layout}"]
         tp, pp = (int(x) for x in layout.split(":"))
