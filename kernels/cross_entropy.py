@@ -11,6 +11,10 @@ BLOCK_V chunks with an online max / sum-exp, so no fp32 copy of the logits is ev
 parallelism each rank holds a vocab slice, and the per-row (max, sum-exp, target logit) are combined with
 one MAX and one SUM all-reduce the way megatron's ``vocab_parallel_cross_entropy`` does. The backward
 re-reads the logits once and writes d logits = g * w_i * (softmax - onehot) in the logits' dtype.
+
+``cross_entropy_per_token`` is the unreduced form, ce_i (N,), for objectives that need per-token or per-sample
+log-probs (DPO / MPO: log p = -ce): the same forward statistics and the same backward kernel, with the per-row
+upstream gradient g_i in the weights slot and a unit scalar, so the reduced path's numbers are untouched.
 """
 from __future__ import annotations
 

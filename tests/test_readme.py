@@ -76,6 +76,12 @@ COVERED = {
     "--out DIR [--samples-per-shard 10000] [--workers 4]": (
         "tests/data/test_convert.py", ['prepare_cli.main(["--format", "messages", "--input"'],
         "synopsis; every format through the library call, messages through the CLI's main()"),
+    "torchrun --nproc_per_node=N tools/precompute_ref_logps.py --config X.yaml [--load CKPT] [--tp T --pp P] "
+    "[--out FILE]": (
+        "tests/models/logps_checks.py", ["from precompute_ref_logps import main as tool_main",
+                                         '"--config", config, "--load", load, "--tp", tp, "--pp", pp, "--out"'],
+        "synopsis; through the CLI's main() in a 2-rank launch at TP1 (DP2), TP2 and PP2 "
+        "(tests/models/test_logps_parity.py)"),
     "python tools/check_dataset.py --data DIR --tokenizer TOK": (
         "tests/data/test_check_dataset.py", ['"tools/check_dataset.py"', '"--data"'], "synopsis"),
     "python tools/make_synthetic_dataset.py --out data/synth_pref --num 200 --preference": (

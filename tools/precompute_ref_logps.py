@@ -2,9 +2,10 @@
 """Reference log-probs for preference training (DPO / MPO), precomputed in one forward-only pass.
 
   torchrun --nproc_per_node=N tools/precompute_ref_logps.py --config RUN.yaml [dotted.key=value ...]
-      [--load CKPT]        reference checkpoint (default: model.init_from, the policy's starting point)
+      [--load CKPT]        reference checkpoint (default: objective.reference_from, else model.init_from:
+                           the policy's starting point; what training checks the file against)
       [--tp T --pp P]      layout (default: parallel.tp / parallel.pp); DP = N / (T x P) ranks share the data
-      [--out FILE]         default: <directory of the first data shard>/ref_logps.<name>.json
+      [--out FILE]         default: objective.ref_logps, else <directory of the first data shard>/ref_logps.<name>.json
       [--name NAME]        default: ref
       [--kernels K]        torch | triton | auto (default: model.kernels)
 
@@ -41,9 +42,11 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        load = args.load or cfg.model.init_from
+        objective = getattr(cfg, "objective", None)  # the objective section, where the config has one
+        load = args.load or getattr(objective, "reference_from", None) or cfg.model.init_from
         if not load:
             raise ValueError("no reference checkpoint: give --load or set model.init_from")
+        out = args.out or getattr(objective, "ref_logps", None)
         if not os.path.isdir(load):
             raise FileNotFoundError(f"reference checkpoint {load!r} not found")
     except (ValueError, FileNotFoundError) as e:
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
 
     try:
         path, num_pairs, skips = precompute_to_file(
-            cfg, load=load, tp=args.tp or cfg.parallel.tp, pp=args.pp or cfg.parallel.pp, out=args.out,
+            cfg, load=load, tp=args.tp or cfg.parallel.tp, pp=args.pp or cfg.parallel.pp, out=out,
             name=args.name, kernels=args.kernels, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr, flush=True)

@@ -191,6 +191,7 @@ def precompute_ref_logps(model, packs, *, kernels: str = "torch", progress: bool
     writer = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     local: dict = {}
+    duplicates: list = []
     show = progress and dist.get_rank() == 0
     for pack in tqdm(packs, total=total, desc="ref log-probs", unit="pack", disable=not show):
         batch = {k: pack[k].to(device) for k in _MODEL_INPUTS if pack.get(k) is not None}
@@ -203,12 +204,15 @@ def precompute_ref_logps(model, packs, *, kernels: str = "torch", progress: bool
         if writer:
             for key, value in pack_pair_logps(sums, pack).items():
                 if key in local:
-                    raise ValueError(f"sample key {key!r} appears twice in the data (keys must be unique)")
+                    duplicates.append(key)
                 local[key] = value
+    # a duplicated key is reported after the gather, on every rank (raising mid-loop would hang the others)
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
+    dist.all_gather_object(gathered, (local, duplicates))
     merged: dict = {}
-    for part in gathered:
+    for part, dups in gathered:
+        if dups:
+            raise ValueError(f"sample key {dups[0]!r} appears twice in the data (keys must be unique)")
         for key, value in part.items():
             if key in merged:
                 raise ValueError(f"sample key {key!r} was read by two data-parallel ranks (keys must be unique)")
@@ -250,6 +254,10 @@ def precompute_to_file(cfg, *, load: str, tp: int, pp: int, out: str | None = No
     reference checkpoint ``load`` at TP x PP (DP = the rest of the world); rank 0 writes the file.
 
     Returns (path, number of pairs written, skipped-sample counts summed over DP ranks)."""
+    shards = data_shards(cfg.data)  # bad paths fail here, before the heavy imports
+    path = out or default_ref_logps_path(os.path.dirname(os.path.abspath(shards[0])), name)
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise FileNotFoundError(f"output {path!r}: its directory does not exist")
     import dataclasses
 
     import torch.distributed as dist
@@ -259,10 +267,6 @@ def precompute_to_file(cfg, *, load: str, tp: int, pp: int, out: str | None = No
     from mllm_mega.models import registry
     from mllm_mega.training.setup import resolve_dtype
 
-    shards = data_shards(cfg.data)
-    path = out or default_ref_logps_path(os.path.dirname(os.path.abspath(shards[0])), name)
-    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise FileNotFoundError(f"--out {path!r}: its directory does not exist")
     kernels = kernels or cfg.model.kernels
     dtype = resolve_dtype(cfg)
     model, arch = load_reference_model(load, tp=tp, pp=pp, kernels=kernels, dtype=dtype,

@@ -5,7 +5,8 @@ model on the same weights.
   torchrun --nproc_per_node=2 tests/models/logps_checks.py OUT.json HF_DIR CKPT TP:PP [TP:PP ...]
       [--tool CONFIG WORKDIR TP:PP [TP:PP ...]]
 
-Writes {"TP:PP": {"max_abs_diff": x, "num_pairs": n, "keys_match": bool}, "hf": {key: [c, r]}} (rank 0).
+Writes {"TP:PP": {"max_abs_diff": x, "num_pairs": n, "keys_match": bool}, "hf": {key: [c, r]},
+"duplicate_error": the error every rank raised when two DP ranks read the same pair} (rank 0).
 ``--tool``: also ``tools/precompute_ref_logps.py`` (its ``main``, in this process) on CONFIG's preference data
 at each layout, with a random model made for the data's tokenizer (an HF dir and its import under WORKDIR);
 each file against transformers on the same weights, pair by pair from the loader's packs, under
@@ -127,6 +128,23 @@ def ours_and_hf_pair_logps(hf_dir, load, *, tp, pp, pairs=None, kernels="torch",
     if dist.get_rank() == 0:
         ref = hf_pair_logps(hf_model if hf_model is not None else load_hf_model(hf_dir), arch, pairs)
     return ours, ref
+
+
+def duplicate_key_check(load) -> str:
+    """DP2 with the same pack on both ranks: every rank must raise (none may hang); returns the message."""
+    from mllm_mega.objectives.ref_logps import load_reference_model, precompute_ref_logps
+
+    model, arch = load_reference_model(load)
+    packs = build_pair_packs(arch, preference_pairs(arch, num_pairs=1))
+    try:
+        precompute_ref_logps(model, packs, progress=False)
+    except ValueError as e:
+        message = str(e)
+    else:
+        message = ""
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, bool(message))
+    return message if all(flags) else f"not every rank raised: {flags}"
 
 
 # ---- the tool on real preference data -------------------------------------------------------------------
@@ -267,6 +285,7 @@ if __name__ == "__main__":
             result[layout] = {"max_abs_diff": diff, "num_pairs": len(ours), "keys_match": set(ours) == set(ref)}
             result["hf"] = {k: list(v) for k, v in ref.items()}
             print(f"[logps] tp={tp} pp={pp} pairs={len(ours)} max_abs_diff={diff:.3e}", flush=True)
+    result["duplicate_error"] = duplicate_key_check(load)
     if tool_args:
         dist.destroy_process_group = lambda *a, **k: None  # the tool's main ends the world; keep it
         result.update(tool_checks(tool_args[0], tool_args[1], tool_args[2:]))

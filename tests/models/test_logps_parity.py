@@ -1,28 +1,49 @@
-"""Acceptance of issue 15's log-prob side: per-pair log-probs of packed chosen/rejected segments (images in
-the prompts) from ``precompute_ref_logps`` equal a brute-force per-sample computation with transformers'
-model on the same weights, at TP1 (as DP2: each rank its own packs), TP2 and PP2, in one torchrun launch."""
+"""Acceptance of issue 15's log-prob side, in one torchrun launch of 2 ranks (tests/models/logps_checks.py):
+per-pair log-probs equal a brute-force per-sample computation with transformers' model on the same weights
+- from ``precompute_ref_logps`` on hand-built packed pairs (own image per segment, a text-only prompt) at TP2;
+- from ``tools/precompute_ref_logps.py`` on synthetic preference data (the loader's packs: chosen and rejected
+  segments sharing the pair's image, ViT once per pair) at TP1 (as DP2), TP2 and PP2, read back from the file.
+"""
 import json
+import os
 
 import pytest
 
 from tests.conftest import run_cmd
 
-# fp32 end to end: the logits agree to ~3e-7 (test_parity.py); a pair's sum of 5-15 log-probs of size ~6 is
-# O(60), whose fp32 ulp is 7.6e-6: measured 3.8e-6 at every layout. A TP rank using only its own vocab slice
-# for the log-sum-exp, or a label shifted by one token, is off by O(1).
-ATOL = 1e-5
+# fp32 end to end: the logits agree to ~3e-7 (test_parity.py); a pair's sum of ~5-40 log-probs of size ~6 is
+# O(40-60), whose fp32 ulp is 3.8-7.6e-6: measured 3.8e-6 (hand-built packs, every layout) and 3.8-7.6e-6
+# (the tool, every layout). A TP rank using only its own vocab slice for the log-sum-exp (measured 7.3), or a
+# label shifted by one token, is off by O(1).
+ATOL = 2e-5
+TOOL_LAYOUTS = ("1:1", "2:1", "1:2")
 
 
 @pytest.mark.slow
 def test_pair_logps_match_hf_at_tp1_tp2_pp2(tiny_hf_dirs, imported, tmp_path):
+    from mllm_mega.data.synthetic import make_dataset
+
+    data = tmp_path / "pref"
+    make_dataset(str(data), 8, 0, num_eval=1, samples_per_shard=4, preference=True, size_range=(56, 84))
+    config = tmp_path / "pref.yaml"
+    config.write_text(f"data:\n  data_path: {data}/train\n  tokenizer_dir: {data}/tokenizer\n  preference: true\n"
+                      "  seq_len: 512\n  num_workers: 1\n  prefetch: 0\n"
+                      "model:\n  kernels: torch\n  dtype: float32\n")
+    work = tmp_path / "work"
+    work.mkdir()
     out = tmp_path / "logps.json"
     res = run_cmd(["tests/models/logps_checks.py", str(out), tiny_hf_dirs["qwen2_5_vl"], imported["qwen2_5_vl"],
-                   "1:1", "2:1", "1:2"], nproc=2)
+                   "2:1", "--tool", str(config), str(work), *TOOL_LAYOUTS], nproc=2)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     result = json.loads(out.read_text())
-    hf = result["hf"]
-    assert len(hf) == 4 and all(c < -1 and r < -1 for c, r in hf.values())  # real sums, not zeros
-    for layout in ("1:1", "2:1", "1:2"):
-        r = result[layout]
-        assert r["keys_match"] and r["num_pairs"] == 4, (layout, r)
-        assert r["max_abs_diff"] < ATOL, (layout, r)
+    assert len(result["hf"]) == 4 and all(c < -1 and r < -1 for c, r in result["hf"].values())  # real sums
+    r = result["2:1"]
+    assert r["keys_match"] and r["num_pairs"] == 4 and r["max_abs_diff"] < ATOL, r
+    assert "read by two data-parallel ranks" in result["duplicate_error"], result["duplicate_error"]
+    for layout in TOOL_LAYOUTS:
+        r = result[f"tool {layout}"]
+        tp, pp = (int(x) for x in layout.split(":"))
+        assert r["code"] == 0 and r["layout"] == {"tp": tp, "pp": pp, "dp": 2 // (tp * pp)}, r
+        assert r["keys_match"] and r["num_pairs"] == 8 and r["max_abs_diff"] < ATOL, (layout, r)
+    assert sorted(os.listdir(work)) == ["ckpt", "hf"] + [f"ref_logps.tp{t}pp{p}.json" for t, p in
+                                                         ((1, 1), (1, 2), (2, 1))]  # no temporary left
