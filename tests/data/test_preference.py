@@ -9,7 +9,8 @@ import torch
 from mllm_mega.data import synthetic
 from mllm_mega.data.config import DataConfig
 from mllm_mega.data.loader import build_train_loader
-from mllm_mega.data.preference import parse_preference_sample
+from mllm_mega.data.preference import PAIR_REASONS, parse_preference_sample
+from mllm_mega.data.samples import SKIP_REASONS
 from mllm_mega.data.shards import iter_shard, list_shards, write_shard
 from mllm_mega.data.text import TextProcessor
 from mllm_mega.training.step import concat_packs
@@ -115,7 +116,7 @@ def test_bad_pairs_counted_with_reasons(dataset, epoch, capsys):
     assert "preference: true" in (dataset / "data.yaml").read_text()  # what --preference writes for --config
     packs, skips = epoch
     expected = {"pair_missing": 2, "pair_empty": 1, "pair_identical": 1, "pair_too_long": 1, "json_malformed": 1}
-    assert skips == expected
+    assert skips == expected and set(PAIR_REASONS) <= set(SKIP_REASONS)  # each reason documented
     from tools.check_dataset import main
 
     main(["--config", str(dataset / "check.yaml"), "--data", str(dataset / "train"), "--preference",
