@@ -2,17 +2,21 @@
 concat_packs, and the model's embedding with a feature index (ViT once per pair)."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
+from mllm_mega.data import synthetic
 from mllm_mega.data.config import DataConfig
 from mllm_mega.data.loader import build_train_loader
-from mllm_mega.data.preference import parse_preference_sample
+from mllm_mega.data.preference import PAIR_REASONS, parse_preference_sample
+from mllm_mega.data.samples import SKIP_REASONS
 from mllm_mega.data.shards import iter_shard, list_shards, write_shard
 from mllm_mega.data.text import TextProcessor
 from mllm_mega.training.step import concat_packs
 
 SEQ = 256
+VIDEO_PIXELS = (56 * 56, 112 * 112)  # small video frames: a few dozen tokens per video
 IM_END = "<|im_end|>"
 
 
@@ -27,7 +31,7 @@ def _pair(key, jpg, chosen="two red circles on the left", rejected="two blue cir
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    """18 synthetic pairs (two shards) plus a shard of 1 good multi-turn pair and 6 bad ones."""
+    """18 synthetic pairs (two shards) plus a shard of a multi-turn pair, a video pair and 6 bad pairs."""
     out = tmp_path_factory.mktemp("prefs")
     from tools.make_synthetic_dataset import main
 
@@ -36,7 +40,12 @@ def dataset(tmp_path_factory):
     jpg = next(iter_shard(list_shards(str(out / "train"))[0]))[0].fields["jpg"]
     multi = [{"from": "human", "value": "<image>\nHow many shapes?"}, {"from": "gpt", "value": "two"},
              {"from": "human", "value": "Describe the image."}]
+    video = {k: v for k, v in synthetic._video_sample(np.random.default_rng(0), (56, 112)).items()
+             if k.startswith("video.")}
     samples = [
+        ("video", {**video, "json": json.dumps({
+            "messages": [{"role": "user", "content": "<video>\nWhat moves?"}], "fps": 2.0,
+            "chosen": "a red circle moving up", "rejected": "a red circle moving down"}).encode()}),
         ("multi", {"jpg": jpg, "json": json.dumps({"conversations": multi, "chosen": "two red circles",
                                                      "rejected": [{"role": "assistant", "content": "one"}]}).encode()}),
         _pair("no_rejected", jpg, rejected=None),
@@ -48,13 +57,14 @@ def dataset(tmp_path_factory):
                                                                "rejected": "b"}).encode()}),
     ]
     write_shard(str(out / "train" / "shard-000009.tar"), samples)
+    (out / "check.yaml").write_text(f"video_min_pixels: {VIDEO_PIXELS[0]}\nvideo_max_pixels: {VIDEO_PIXELS[1]}\n")
     return out
 
 
 def _cfg(dataset, **kw):
     base = dict(data_path=str(dataset / "train"), tokenizer_dir=str(dataset / "tokenizer"), seq_len=SEQ,
                 buffer_size=10, min_pack_fill=0.5, preference=True, decoder="pil", num_workers=1, seed=3,
-                jpeg_prob=0.5)
+                jpeg_prob=0.5, video_min_pixels=VIDEO_PIXELS[0], video_max_pixels=VIDEO_PIXELS[1])
     base.update(kw)
     return DataConfig(**base)
 
@@ -106,32 +116,39 @@ def test_bad_pairs_counted_with_reasons(dataset, epoch, capsys):
     assert "preference: true" in (dataset / "data.yaml").read_text()  # what --preference writes for --config
     packs, skips = epoch
     expected = {"pair_missing": 2, "pair_empty": 1, "pair_identical": 1, "pair_too_long": 1, "json_malformed": 1}
-    assert skips == expected
+    assert skips == expected and set(PAIR_REASONS) <= set(SKIP_REASONS)  # each reason documented
     from tools.check_dataset import main
 
-    main(["--data", str(dataset / "train"), "--preference", "--decoder", "pil", "--seq-len", str(SEQ)])
+    main(["--config", str(dataset / "check.yaml"), "--data", str(dataset / "train"), "--preference",
+          "--decoder", "pil", "--seq-len", str(SEQ)])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["skipped"] == expected and summary["samples_ok"] == 19 and summary["preference"] is True
+    assert summary["skipped"] == expected and summary["samples_ok"] == 20 and summary["preference"] is True
 
 
 def test_packs_of_pairs(epoch, raw_pairs, tok):
     packs, _ = epoch
     keys = [k for p in packs for k in p["pair_keys"]]
-    good = sorted(k for k in raw_pairs if k.startswith("train")) + ["multi"]
+    good = sorted(k for k in raw_pairs if k.startswith("train")) + ["multi", "video"]
     assert sorted(keys) == sorted(good)  # every pair exactly once: never split, never duplicated
     assert max(len(p["pair_keys"]) for p in packs) >= 2
     for pack in packs:
         cu, ids, labels, w = pack["cu_seqlens"].tolist(), pack["input_ids"], pack["labels"], pack["loss_weights"]
         pairs = pack["pair_segments"].tolist()
         assert len(pairs) == len(pack["pair_keys"]) == pack["num_samples"]
-        image_rows = (pack["image_grid_thw"].prod(-1) // 4).tolist()
-        assert len(image_rows) == len(pairs) and pack["pixel_values"].shape[0] == sum(4 * n for n in image_rows)
-        index, rows_before = pack["image_feature_index"], 0
-        img_pos = (ids == tok.image_token_id).nonzero().squeeze(1)
-        assert index.shape == img_pos.shape
-        for p, ((s0, s1), key) in enumerate(zip(pairs, pack["pair_keys"])):
+        rows, index, pos, before = {}, {}, {}, {"image": 0, "video": 0}
+        for kind, pv, grid, token in (("image", "pixel_values", "image_grid_thw", tok.image_token_id),
+                                      ("video", "pixel_values_videos", "video_grid_thw", tok.video_token_id)):
+            rows[kind] = iter((pack[grid].prod(-1) // 4).tolist())  # feature rows of each medium, pair order
+            assert pack[pv].shape[0] == int(pack[grid].prod(-1).sum())  # each pair's media once
+            pos[kind] = (ids == token).nonzero().squeeze(1)
+            index[kind] = pack.get(f"{kind}_feature_index", torch.zeros(0, dtype=torch.int64))
+            assert index[kind].shape == pos[kind].shape
+        kinds = ["video" if key == "video" else "image" for key in pack["pair_keys"]]  # one medium per pair
+        assert pack["num_images"] == kinds.count("image") and pack["num_videos"] == kinds.count("video")
+        assert pack["second_per_grid_ts"].shape == (kinds.count("video"),)
+        for (s0, s1), key, kind in zip(pairs, pack["pair_keys"], kinds):
             assert s1 == s0 + 1  # adjacent, chosen then rejected
-            meta = raw_pairs[key]
+            meta, n = raw_pairs[key], next(rows[kind])
             for seg, name, weighted in ((s0, "chosen", True), (s1, "rejected", False)):
                 a, b = cu[seg], cu[seg + 1]
                 sup = labels[a:b] != -100
@@ -140,9 +157,9 @@ def test_packs_of_pairs(epoch, raw_pairs, tok):
                 # token reweighting: 1 on the chosen completion, 0 on the rejected segment
                 assert torch.equal(w[a:b], sup.float() if weighted else torch.zeros(b - a))
                 # both segments' placeholders take the pair's own feature rows, in order
-                in_seg = (img_pos >= a) & (img_pos < b)
-                assert index[in_seg].tolist() == list(range(rows_before, rows_before + image_rows[p]))
-            rows_before += image_rows[p]
+                in_seg = (pos[kind] >= a) & (pos[kind] < b)
+                assert index[kind][in_seg].tolist() == list(range(before[kind], before[kind] + n))
+            before[kind] += n
         assert (labels[cu[2 * len(pairs)]:] == -100).all() and w[cu[2 * len(pairs)]:].sum() == 0  # padding
 
 
@@ -186,41 +203,47 @@ def test_preference_config_validated(dataset):
 
 
 def test_concat_packs_keeps_pairs_on_their_segments(epoch):
-    packs, _ = epoch
-    a, b, c = packs[:3]
-    cat = concat_packs([a, b, c])
+    packs = epoch[0]
+    assert len(packs) >= 3 and any(p["num_videos"] for p in packs)
+    cat = concat_packs(packs)
     cu, pos = cat["cu_seqlens"].tolist(), 0
-    assert cat["pair_keys"] == a["pair_keys"] + b["pair_keys"] + c["pair_keys"]
-    for pack in (a, b, c):
+    assert cat["pair_keys"] == [k for p in packs for k in p["pair_keys"]]
+    for pack in packs:
         pcu = pack["cu_seqlens"].tolist()
         for (s0, s1), (t0, t1) in zip(pack["pair_segments"].tolist(), cat["pair_segments"][pos:].tolist()):
             for s, t in ((s0, t0), (s1, t1)):
                 assert torch.equal(pack["input_ids"][pcu[s]:pcu[s + 1]], cat["input_ids"][cu[t]:cu[t + 1]])
                 assert torch.equal(pack["labels"][pcu[s]:pcu[s + 1]], cat["labels"][cu[t]:cu[t + 1]])
         pos += len(pack["pair_keys"])
-    # every placeholder's feature row is the same row of the same image as in its own pack
-    offset = 0
-    for pack in (a, b, c):
-        local = pack["image_feature_index"]
-        for row_local, row_cat in zip(local.tolist(), cat["image_feature_index"][offset:offset + len(local)].tolist()):
-            (i, r), (j, q) = _owner(pack["image_grid_thw"], row_local), _owner(cat["image_grid_thw"], row_cat)
-            assert r == q and torch.equal(_patches(pack, i), _patches(cat, j))
-        offset += len(local)
-    assert offset == cat["image_feature_index"].numel()
+    assert pos == len(cat["pair_segments"])
+    # every placeholder's feature row is the same row of the same medium as in its own pack
+    for kind, pv, grid in (("image", "pixel_values", "image_grid_thw"),
+                           ("video", "pixel_values_videos", "video_grid_thw")):
+        offset, same = 0, {}
+        for pack in packs:
+            local = pack.get(f"{kind}_feature_index", torch.zeros(0, dtype=torch.int64))
+            mine = cat[f"{kind}_feature_index"][offset:offset + len(local)]
+            for row_local, row_cat in zip(local.tolist(), mine.tolist()):
+                (i, r), (j, q) = _owner(pack[grid], row_local), _owner(cat[grid], row_cat)
+                assert r == q
+                same[(id(pack), i, j)] = (_patches(pack, i, pv, grid), _patches(cat, j, pv, grid))
+            offset += len(local)
+        assert offset == cat[f"{kind}_feature_index"].numel() > 0
+        assert all(torch.equal(a, b) for a, b in same.values())  # once per medium: torch.equal is slow on CPU
 
 
 def _owner(grids, row):
-    """(image, row within it) of a feature row (merge 2: t*h*w/4 rows per image)."""
+    """(medium, row within it) of a feature row (merge 2: t*h*w/4 rows per medium)."""
     for i, n in enumerate((grids.prod(-1) // 4).tolist()):
         if row < n:
             return i, row
         row -= n
-    raise AssertionError("feature row past the last image")
+    raise AssertionError("feature row past the last medium")
 
 
-def _patches(pack, i):
-    start = int(pack["image_grid_thw"][:i].prod(-1).sum())
-    return pack["pixel_values"][start:start + int(pack["image_grid_thw"][i].prod())]
+def _patches(pack, i, pv="pixel_values", grid="image_grid_thw"):
+    start = int(pack[grid][:i].prod(-1).sum())
+    return pack[pv][start:start + int(pack[grid][i].prod())]
 
 
 def test_model_shares_vit_features_across_a_pairs_segments(epoch, tok):
@@ -236,7 +259,7 @@ def test_model_shares_vit_features_across_a_pairs_segments(epoch, tok):
     arch = arch_from_hf_config(tiny_hf_config_dict("qwen2_5_vl"))
     torch.manual_seed(0)
     model = build_model(arch, kernels="torch")
-    pack = max(epoch[0], key=lambda p: len(p["pair_keys"]))
+    pack = max((p for p in epoch[0] if not p["num_videos"]), key=lambda p: len(p["pair_keys"]))
     ids = pack["input_ids"] % 400  # text ids into the tiny vocabulary (below its special tokens)
     for ours, theirs in ((tok.image_token_id, arch.image_token_id), (tok.vision_start_id, arch.vision_start_token_id),
                          (tok.vision_end_id, arch.vision_end_token_id)):
