@@ -90,9 +90,6 @@ COVERED = {
     "python tools/check_dataset.py --data data/synth_pref/train --preference": (
         "tests/data/test_preference.py", ['from tools.check_dataset import main', '"--data"', '"--preference"'],
         "through the CLI's main() on its own pairs (with bad ones) and --seq-len 256"),
-    "torchrun --nproc_per_node=N tools/precompute_ref_logps.py --config RUN.yaml": (
-        "tests/objectives/test_preference_training.py", ['"tools/precompute_ref_logps.py"', '"--load"'],
-        "synopsis; the tool's main() in the preference training launch, on a tiny run's iteration 0"),
     "python -m mllm_mega.train --config examples/configs/tiny_dpo.yaml": (
         "tests/objectives/test_preference_training.py", ['"objective": {"name": "preference"'],
         "the same objective on its own 24 synthetic pairs for 3 steps; the config's full run takes minutes"),
