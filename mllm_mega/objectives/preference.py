@@ -156,4 +156,5 @@ class PreferenceObjective:
         return {"delta_sum": self.delta_sum, "delta_count": self.delta_count}
 
     def load_state_dict(self, state: dict) -> None:
-        self.delta_sum, self.delta_count = float(state["delta_sum"]), int(state["delta_count"])
+        # a checkpoint of a run that started as another objective has no delta yet
+        self.delta_sum, self.delta_count = float(state.get("delta_sum", 0.0)), int(state.get("delta_count", 0))
