@@ -84,6 +84,12 @@ COVERED = {
         "(tests/models/test_logps_parity.py)"),
     "python tools/check_dataset.py --data DIR --tokenizer TOK": (
         "tests/data/test_check_dataset.py", ['"tools/check_dataset.py"', '"--data"'], "synopsis"),
+    "python tools/make_synthetic_dataset.py --out data/synth_pref --num 200 --preference": (
+        "tests/data/test_preference.py", ['from tools.make_synthetic_dataset import main', '"--preference"'],
+        "through the CLI's main(), 18 pairs in its own temporary directory"),
+    "python tools/check_dataset.py --data data/synth_pref/train --preference": (
+        "tests/data/test_preference.py", ['from tools.check_dataset import main', '"--data"', '"--preference"'],
+        "through the CLI's main() on its own pairs (with bad ones) and --seq-len 256"),
     "python tools/compose_model.py --vision-from QWEN2VL_HF_DIR --llm-from QWEN3_HF_DIR --out M "
     "[--position-mode mrope|1d] [--seed 0] [--dtype bfloat16] [--max-shard-size 5GB]": (
         "tests/tools/test_compose_model.py", ['load_tool("compose_model")', '"--vision-from"', '"--llm-from"'],

@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 """Run every sample of a WebDataset shard set through the training data pipeline once and report.
 
-    python tools/check_dataset.py --data DIR [--config FILE] [--tokenizer DIR] [--seq-len N]
+    python tools/check_dataset.py --data DIR [--config FILE] [--tokenizer DIR] [--seq-len N] [--preference]
 
 Reads, validates, tokenizes, packs, decodes (with the configured decoder), resizes and patchifies every
 sample, exactly as training does (one epoch, data-parallel size 1). Skipped samples are listed on stderr
 with their reason; the last line of stdout is a JSON summary:
     {"samples_ok": N, "skipped": {"<reason>": n, ...}, "packs": P, "packing_efficiency": e, ...}
 --config is a YAML file of DataConfig keys (top level or under ``data:``); --data overrides its data_path.
-Without --config or --tokenizer, a ``tokenizer`` directory next to or above DIR is used.
+Without --config or --tokenizer, a ``tokenizer`` directory next to or above DIR is used. --preference (or
+``preference: true`` in the config) checks preference pairs: samples_ok counts pairs and the skip reasons
+include the pair_* ones (a missing/empty/identical completion, a pair longer than seq_len).
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ def check(cfg: DataConfig, *, show_skips: int = 20, progress: bool = True) -> di
         "seq_len": cfg.seq_len,
         "shards": len(loader.shards),
         "decoder": loader.decoder_name,
+        "preference": cfg.preference,
         **({"per_dataset": stats["per_dataset"]} if "per_dataset" in stats else {}),  # data.datasets mixtures
     }
 
@@ -60,10 +63,13 @@ def main(argv=None):
     parser.add_argument("--tokenizer", help="tokenizer directory (overrides the config's tokenizer_dir)")
     parser.add_argument("--seq-len", type=int, help="override seq_len")
     parser.add_argument("--decoder", choices=("auto", "dali", "pil"), help="override the decoder")
+    parser.add_argument("--preference", action="store_true", default=None,
+                        help="the samples are preference pairs (prompt, chosen, rejected)")
     parser.add_argument("--show-skips", type=int, default=20, help="skipped samples to list on stderr")
     args = parser.parse_args(argv)
     try:
         cfg = tool_config(args.data, args.config, args.tokenizer, seq_len=args.seq_len, decoder=args.decoder,
+                          preference=args.preference,
                           epochs=1, max_consecutive_skips=0)  # one pass that reports every skip
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))

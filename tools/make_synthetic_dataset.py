@@ -2,10 +2,13 @@
 """Write the synthetic shapes dataset (WebDataset shards), a held-out caption split and its tokenizer.
 
     python tools/make_synthetic_dataset.py --out data/shapes --num 20000 --seed 0
+    python tools/make_synthetic_dataset.py --out data/shapes_pref --num 2000 --preference   # DPO/MPO pairs
 
 Layout of --out: train/shard-NNNNNN.tar, eval/shard-NNNNNN.tar (captions only), tokenizer/ (a Hugging Face
 tokenizer directory with Qwen2-VL's special tokens and a chat template), meta.json, data.yaml (DataConfig
 keys pointing at the above, for --config of the other tools). The same --seed gives byte-identical shards.
+--preference: the training samples are preference pairs (true caption vs one attribute changed), data.yaml
+sets ``preference: true``; the held-out split stays captions.
 See mllm_mega/data/synthetic.py for what the images and texts show.
 """
 from __future__ import annotations
@@ -29,6 +32,8 @@ def main(argv=None):
     parser.add_argument("--video-frac", type=float, default=0.0, help="fraction of video (frame sequence) samples")
     parser.add_argument("--caption-frac", type=float, default=0.5,
                         help="fraction of single-image samples that are captions (the rest are QA conversations)")
+    parser.add_argument("--preference", action="store_true",
+                        help="write preference pairs (chosen: the true caption, rejected: one attribute changed)")
     parser.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size (an upper bound)")
     args = parser.parse_args(argv)
     if args.num < 1 or args.num_eval < 0 or args.samples_per_shard < 1:
@@ -42,9 +47,10 @@ def main(argv=None):
     meta = make_dataset(args.out, args.num, args.seed, num_eval=args.num_eval, size_range=(low, high),
                         samples_per_shard=args.samples_per_shard, multi_image_frac=args.multi_image_frac,
                         video_frac=args.video_frac, caption_frac=args.caption_frac, vocab_size=args.vocab_size,
-                        progress=True)
+                        progress=True, preference=args.preference)
     print(json.dumps({"out": args.out, "train_samples": meta["num_train"], "eval_samples": meta["num_eval"],
-                      "train_shards": len(meta["train_shards"]), "vocab_size": meta["vocab_size"]}))
+                      "train_shards": len(meta["train_shards"]), "vocab_size": meta["vocab_size"],
+                      "preference": meta["preference"]}))
 
 
 if __name__ == "__main__":

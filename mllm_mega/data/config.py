@@ -80,6 +80,9 @@ class DataConfig:
     max_consecutive_skips: int = 1000
     """Stop with an error (reason counts + the first failure) after this many samples in a row were skipped, or
     a whole epoch's worth: a systematic failure (e.g. a broken decoder install) must not loop forever. 0 = never."""
+    preference: bool = False
+    """Read preference pairs (prompt + chosen + rejected, data/preference.py): each pair is one packing unit of two
+    adjacent segments (chosen then rejected) sharing its media once; pairs are never truncated."""
 
     def __post_init__(self):
         if isinstance(self.data_path, (list, tuple)):
@@ -116,6 +119,8 @@ class DataConfig:
                 raise ValueError(f"{name} must be None or a positive int, got {value!r}")
         if not 0.0 <= self.min_pack_fill <= 1.0:
             raise ValueError(f"min_pack_fill must be in [0, 1], got {self.min_pack_fill}")
+        if not isinstance(self.preference, bool):
+            raise ValueError(f"preference must be true or false, got {self.preference!r}")
         _choice(self, "loss_reweighting", LOSS_REWEIGHTING)
         _choice(self, "decode_device", DECODE_DEVICES)
         _choice(self, "decoder", DECODERS)
@@ -228,3 +233,21 @@ def tool_config(data: str | None = None, config: str | None = None, tokenizer: s
         values["tokenizer_dir"] = found
     values.update({k: v for k, v in overrides.items() if v is not None})
     return DataConfig.from_dict(values)
+
+
+def resolve_backends(cfg: DataConfig) -> tuple[str, str, str]:
+    """(decoder, decode device, resize backend) with the "auto" settings resolved; errors name the setting."""
+    from mllm_mega.data.dali_decode import HAVE_DALI, cuda_available
+
+    decoder = cfg.decoder if cfg.decoder != "auto" else ("dali" if HAVE_DALI else "pil")
+    if decoder == "dali" and not HAVE_DALI:
+        raise ValueError("decoder='dali' but nvidia-dali is not installed")
+    device = cfg.decode_device
+    if device == "auto":
+        device = "gpu" if decoder == "dali" and cuda_available() else "cpu"
+    if device == "gpu" and decoder != "dali":
+        raise ValueError("decode_device='gpu' needs decoder='dali'")
+    resize = cfg.resize_backend if cfg.resize_backend != "auto" else ("dali" if device == "gpu" else "pil")
+    if resize == "dali" and decoder != "dali":
+        raise ValueError("resize_backend='dali' needs the DALI decoder")
+    return decoder, device, resize

@@ -26,6 +26,7 @@ Micro-batch (dict of CPU tensors; T = seq_len):
     pixel_values (P, 1176) float32   HF processor order; image_grid_thw (I, 3) int64
     pixel_values_videos (Pv, 1176)   video_grid_thw (V, 3) int64, second_per_grid_ts (V,) float32
     num_real_tokens, num_samples, num_images, num_videos int; sample_keys list[str]
+With data.preference: packs of preference pairs, plus pair_segments, pair_keys, feature indices (preference.py).
 
 Mixtures (``data.datasets``): one stream per dataset (its own shards, rank assignment and epochs), blended by
 weight without RNG (mixture.py); ``stats["per_dataset"]`` counts the samples handed out per dataset name.
@@ -53,12 +54,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from mllm_mega.data.collate import ProcessedSample, collate_pack
-from mllm_mega.data.config import DataConfig
+from mllm_mega.data.collate import ProcessedSample
+from mllm_mega.data.config import DataConfig, resolve_backends
 from mllm_mega.data.eval_samples import build_eval_samples  # noqa: F401 (part of this module's API)
 from mllm_mega.data.mixture import BlendedStream, mixture_fingerprint, mixture_shards
 from mllm_mega.data.packing import pack_ffd
-from mllm_mega.data.samples import SampleSpec, parse_sample
+from mllm_mega.data.preference import sample_functions
+from mllm_mega.data.samples import SampleSpec
 from mllm_mega.data.shards import (RawSample, iter_shard, list_shards, rank_assignment, read_sample_at,
                                    shard_order, stable_hash)
 from mllm_mega.data.text import IMAGE, TextProcessor
@@ -149,6 +151,7 @@ class PackedLoader:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.spatial_merge_size, self.tokens_per_second = spatial_merge_size, tokens_per_second
         self.text = TextProcessor(cfg.tokenizer_dir)
+        self._parse, self._collate = sample_functions(cfg)  # SFT samples or preference pairs
         if cfg.datasets:
             self._mixture_shards = mixture_shards(cfg.datasets)
             self.shards = [s for shards in self._mixture_shards for s in shards]
@@ -175,7 +178,7 @@ class PackedLoader:
         self._stats = {"samples": 0, "packs": 0, "real_tokens": 0, "images": 0, "videos": 0}
         if cfg.datasets:
             self._stats["per_dataset"] = {d["name"]: 0 for d in cfg.datasets}
-        self.decoder_name, self.decode_device, self.resize_backend = _resolve_backends(cfg)
+        self.decoder_name, self.decode_device, self.resize_backend = resolve_backends(cfg)
         self._decoder = None
         self._pool = ThreadPoolExecutor(cfg.num_workers) if cfg.num_workers > 1 else None
         # prefetching: a producer thread runs ahead; every batch travels with the state right after it
@@ -235,7 +238,7 @@ class PackedLoader:
             raw, epoch = item
             dataset = self._dataset_of[raw.shard]
             try:
-                spec = parse_sample(raw, self.text, self.cfg, epoch)
+                spec = self._parse(raw, self.text, self.cfg, epoch)
             except Exception as exc:  # noqa: BLE001 - one odd sample must not stop training
                 if not isinstance(exc, BadSample):
                     logger.exception("data: unexpected error in sample %s of %s", raw.key, raw.shard)
@@ -426,7 +429,7 @@ class PackedLoader:
         if not samples:
             return None
         self._run_of_skips = 0
-        batch = collate_pack(samples, cfg.seq_len, loss_reweighting=cfg.loss_reweighting,
+        batch = self._collate(samples, cfg.seq_len, loss_reweighting=cfg.loss_reweighting,
                              pad_token_id=self.text.pad_token_id, spatial_merge_size=self.spatial_merge_size,
                              tokens_per_second=self.tokens_per_second, position_ids_fn=self.position_ids_fn)
         st = self._stats
@@ -446,6 +449,7 @@ class PackedLoader:
         return {"dp_rank": self.dp_rank, "dp_size": self.dp_size, "seed": c.seed, "seq_len": c.seq_len,
                 "shards": [os.path.basename(s) for s in self.shards], "min_pixels": c.min_pixels,
                 "max_pixels": c.max_pixels, "buffer_size": c.buffer_size,
+                **({"preference": True} if c.preference else {}),
                 **({"datasets": mixture_fingerprint(c.datasets, self._mixture_shards)} if c.datasets else {})}
 
     def state_dict(self) -> dict:
@@ -479,7 +483,7 @@ class PackedLoader:
             specs = []
             for epoch, restore_key in entries:
                 try:
-                    specs.append(parse_sample(read_sample_at(restore_key), self.text, self.cfg, epoch))
+                    specs.append(self._parse(read_sample_at(restore_key), self.text, self.cfg, epoch))
                 except (OSError, BadSample) as exc:
                     raise ValueError(f"cannot restore sample {restore_key[1]!r} from {restore_key[0]}: {exc}; "
                                      "the data changed since the state was saved") from exc
@@ -493,23 +497,6 @@ class PackedLoader:
         self._last_good_epoch = [int(e) for e in last] if isinstance(last, list) else [int(last)]
         self._skip_counts = dict(state["skip_counts"])
         self._stats = copy.deepcopy(state["stats"])
-
-
-def _resolve_backends(cfg: DataConfig) -> tuple[str, str, str]:
-    from mllm_mega.data.dali_decode import HAVE_DALI, cuda_available
-
-    decoder = cfg.decoder if cfg.decoder != "auto" else ("dali" if HAVE_DALI else "pil")
-    if decoder == "dali" and not HAVE_DALI:
-        raise ValueError("decoder='dali' but nvidia-dali is not installed")
-    device = cfg.decode_device
-    if device == "auto":
-        device = "gpu" if decoder == "dali" and cuda_available() else "cpu"
-    if device == "gpu" and decoder != "dali":
-        raise ValueError("decode_device='gpu' needs decoder='dali'")
-    resize = cfg.resize_backend if cfg.resize_backend != "auto" else ("dali" if device == "gpu" else "pil")
-    if resize == "dali" and decoder != "dali":
-        raise ValueError("resize_backend='dali' needs the DALI decoder")
-    return decoder, device, resize
 
 
 def build_train_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int, spatial_merge_size: int = 2,

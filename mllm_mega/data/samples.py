@@ -10,7 +10,8 @@ what lets the loader pack first and decode only what it packed.
 
 Preference pairs (tools/prepare_dataset.py --format preference, see convert.py): a ``json`` {"conversations":
 <the prompt, ending with a human turn>, "chosen": str, "rejected": str} with the prompt's images as above; they are
-for the preference objective (parse_sample skips them as json_malformed: the prompt has no assistant turn).
+for the preference objective: with ``DataConfig.preference`` the loader reads them with preference.py's parser
+(parse_sample skips them as json_malformed: the prompt has no assistant turn).
 
 Anything wrong raises :class:`BadSample` whose ``reason`` is the skip-count key (see SKIP_REASONS).
 """
@@ -47,6 +48,11 @@ SKIP_REASONS = {
     "too_long": "longer than seq_len (and not truncatable without cutting an image)",
     "too_many_images": "more images than max_images_per_pack",
     "no_labels": "no supervised token",
+    # preference pairs (DataConfig.preference; preference.py)
+    "pair_missing": "no chosen or rejected completion (or one that is not a string / one assistant message)",
+    "pair_empty": "an empty chosen or rejected completion",
+    "pair_identical": "chosen and rejected are the same completion",
+    "pair_too_long": "chosen + rejected segments longer than seq_len (a pair is never split or truncated)",
     "unexpected_error": "any other exception while reading the sample (logged with its traceback)",
 }
 

@@ -4,7 +4,10 @@ Each image shows 1-4 shapes of one kind (circle, square, triangle, diamond) and 
 region (left, right, top, bottom, center) of a small noisy background; its caption says exactly that
 ("two red circles on the left"), and question-answer conversations ask for the count, colour, kind or
 place, so a tiny model can learn the mapping. Some samples hold two images (which has more shapes?) and,
-on request, short videos of one moving shape given as a sequence of JPEG frames. Samples are WebDataset
+on request, short videos of one moving shape given as a sequence of JPEG frames. With ``preference`` the
+training samples are preference pairs instead (data/preference.py): "Describe the image." with the true
+caption as chosen and, as rejected, the caption with one attribute (colour, count, shape or position)
+changed, so only a model that looks at the image can tell them apart. Samples are WebDataset
 shards; a byte-level BPE tokenizer with Qwen2-VL's special tokens and a ChatML chat template is trained on
 the dataset's text and saved as a Hugging Face tokenizer directory.
 
@@ -12,6 +15,7 @@ Everything is a pure function of (seed, sample index), so the same seed gives by
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -136,15 +140,35 @@ def _questions(scene: Scene) -> list[tuple[str, str]]:
     ]
 
 
+ATTRIBUTES = ("colour", "count", "kind", "region")  # what a rejected caption changes
+
+
+def changed_scene(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
+    """``scene`` with one attribute (colour, count, kind or region) set to another value, and its name."""
+    attribute = ATTRIBUTES[rng.integers(len(ATTRIBUTES))]
+    values = {"colour": list(COLOURS), "count": [1, 2, 3, 4], "kind": list(KINDS),
+              "region": list(REGIONS)}[attribute]
+    others = [v for v in values if v != getattr(scene, attribute)]
+    return dataclasses.replace(scene, **{attribute: others[rng.integers(len(others))]}), attribute
+
+
 def make_sample(index: int, seed: int, *, size_range=(56, 112), multi_image_frac=0.1, video_frac=0.0,
-                caption_frac=0.5, split: str = "train") -> tuple[str, dict[str, bytes]]:
-    """The ``index``-th sample of the dataset for ``seed`` as (key, {field: bytes})."""
+                caption_frac=0.5, split: str = "train", preference: bool = False) -> tuple[str, dict[str, bytes]]:
+    """The ``index``-th sample of the dataset for ``seed`` as (key, {field: bytes}); with ``preference`` the
+    training samples are preference pairs (the held-out split stays captions)."""
     rng = np.random.default_rng([seed, 0 if split == "train" else 1, index])
     key = f"{split}{index:08d}"
     if split != "train":
         scene = random_scene(rng)
         img = render_scene(scene, *_image_size(rng, size_range), rng)
         return key, {"jpg": encode_jpeg(img), "txt": scene.caption().encode()}
+    if preference:
+        scene = random_scene(rng)
+        img = render_scene(scene, *_image_size(rng, size_range), rng)
+        wrong, attribute = changed_scene(scene, rng)
+        pair = {"messages": [{"role": "user", "content": "<image>\nDescribe the image."}],
+                "chosen": scene.caption(), "rejected": wrong.caption(), "changed": attribute}
+        return key, {"jpg": encode_jpeg(img), "json": json.dumps(pair).encode()}
     u = rng.uniform()
     if u < video_frac:
         return key, _video_sample(rng, size_range)
@@ -207,8 +231,10 @@ def sample_texts(fields: dict[str, bytes]) -> list[str]:
     if "txt" in fields:
         texts.append(fields["txt"].decode())
     if "json" in fields:
-        for turn in json.loads(fields["json"]).get("conversations", []):
-            texts.append(turn["value"].replace("<image>\n", "").replace("<image>", ""))
+        meta = json.loads(fields["json"])
+        for turn in meta.get("conversations", meta.get("messages", [])):
+            texts.append(turn.get("value", turn.get("content", "")).replace("<image>\n", "").replace("<image>", ""))
+        texts += [meta[k] for k in ("chosen", "rejected") if k in meta]
     return texts
 
 
@@ -266,8 +292,10 @@ def _write_text_atomic(path: str, text: str):
 
 def make_dataset(out: str, num: int, seed: int = 0, *, num_eval: int = 64, size_range=(56, 112),
                  samples_per_shard: int = 1000, multi_image_frac: float = 0.1, video_frac: float = 0.0,
-                 caption_frac: float = 0.5, vocab_size: int = 1024, progress: bool = False) -> dict:
-    """Write train/ and eval/ shards, tokenizer/, meta.json and data.yaml under ``out``; returns the meta."""
+                 caption_frac: float = 0.5, vocab_size: int = 1024, progress: bool = False,
+                 preference: bool = False) -> dict:
+    """Write train/ and eval/ shards, tokenizer/, meta.json and data.yaml under ``out``; returns the meta.
+    ``preference``: the training split holds preference pairs and data.yaml sets ``preference: true``."""
     from tqdm import tqdm
 
     out = os.path.abspath(out)
@@ -278,7 +306,8 @@ def make_dataset(out: str, num: int, seed: int = 0, *, num_eval: int = 64, size_
         train = _write_split(
             os.path.join(out, "train"), num, samples_per_shard,
             lambda i: make_sample(i, seed, size_range=size_range, multi_image_frac=multi_image_frac,
-                                  video_frac=video_frac, caption_frac=caption_frac), texts, bar)
+                                  video_frac=video_frac, caption_frac=caption_frac, preference=preference),
+            texts, bar)
         evals = _write_split(os.path.join(out, "eval"), num_eval, samples_per_shard,
                              lambda i: make_sample(i, seed, size_range=size_range, split="eval"), [], bar)
     # the tokenizer learns from the training text only; held-out captions use the same small vocabulary
@@ -287,10 +316,12 @@ def make_dataset(out: str, num: int, seed: int = 0, *, num_eval: int = 64, size_
 
     vocab = len(AutoTokenizer.from_pretrained(os.path.join(out, "tokenizer")))
     meta = {"num_train": num, "num_eval": num_eval, "seed": seed, "image_size": list(size_range),
-            "train_shards": train, "eval_shards": evals, "vocab_size": vocab, "special_tokens": special}
+            "train_shards": train, "eval_shards": evals, "vocab_size": vocab, "special_tokens": special,
+            "preference": preference}
     _write_text_atomic(os.path.join(out, "meta.json"), json.dumps(meta, indent=2) + "\n")
     _write_text_atomic(os.path.join(out, "data.yaml"),
                        f"data_path: {os.path.join(out, 'train')}\n"
                        f"eval_data_path: {os.path.join(out, 'eval')}\n"
-                       f"tokenizer_dir: {os.path.join(out, 'tokenizer')}\n")
+                       f"tokenizer_dir: {os.path.join(out, 'tokenizer')}\n"
+                       + ("preference: true\n" if preference else ""))
     return meta

@@ -55,8 +55,12 @@ class VisionLanguageModel(LanguageModelStage, MegatronModule):
 
     # --- forward -----------------------------------------------------------------------------------
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-              video_grid_thw=None, context_parallel=None):
-        """Token embeddings with vision features written at the image/video placeholders: (T, 1, hidden)."""
+              video_grid_thw=None, context_parallel=None, image_feature_index=None, video_feature_index=None):
+        """Token embeddings with vision features written at the image/video placeholders: (T, 1, hidden).
+
+        ``image_feature_index`` / ``video_feature_index`` (preference packs, data/preference.py): for each image
+        (video) placeholder in order, its row of the image (video) features, so media shared by several
+        segments go through the ViT once; None = placeholders take the feature rows in order."""
         emb = self.language_model.embedding(input_ids=input_ids.view(1, -1), position_ids=None)  # (T, 1, h)
         pieces, grids = [], []
         for pv, grid in ((pixel_values, image_grid_thw), (pixel_values_videos, video_grid_thw)):
@@ -64,6 +68,9 @@ class VisionLanguageModel(LanguageModelStage, MegatronModule):
                 pieces.append(pv)
                 grids.append(grid)
         if context_parallel is not None:  # context parallel: media split over CP ranks, features all-gathered
+            if image_feature_index is not None or video_feature_index is not None:
+                raise ValueError("image_feature_index/video_feature_index (shared media) are not supported under "
+                                 "context parallelism")
             from mllm_mega.models.common.context_parallel import cp_embed
 
             return cp_embed(self, input_ids, context_parallel, pieces, grids, emb)
@@ -72,8 +79,10 @@ class VisionLanguageModel(LanguageModelStage, MegatronModule):
             unit = self.arch.vision.spatial_merge_size ** 2
             num_image = int(image_grid_thw.prod(-1).sum()) // unit if image_grid_thw is not None else 0
             emb = emb.clone()
-            for token_id, part in ((self.arch.image_token_id, feats[:num_image]),
-                                   (self.arch.video_token_id, feats[num_image:])):
+            for token_id, part, index in ((self.arch.image_token_id, feats[:num_image], image_feature_index),
+                                          (self.arch.video_token_id, feats[num_image:], video_feature_index)):
+                if index is not None:
+                    part = part[index]  # a row used by several placeholders: its gradients add up
                 mask = input_ids == token_id
                 if int(mask.sum()) != part.shape[0]:
                     kind = "image" if token_id == self.arch.image_token_id else "video"
@@ -85,10 +94,12 @@ class VisionLanguageModel(LanguageModelStage, MegatronModule):
         return emb
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen=None, pixel_values=None,
-                image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, context_parallel=None):
+                image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, context_parallel=None,
+                image_feature_index=None, video_feature_index=None):
         """One packed sequence. Returns (T, vocab/TP) logits on the last stage, hidden states elsewhere.
 
-        ``context_parallel``: this rank's CPShard; the token inputs are then its local slice."""
+        ``context_parallel``: this rank's CPShard; the token inputs are then its local slice.
+        ``*_feature_index``: see :meth:`embed`."""
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         params = make_packed_seq_params(cu_seqlens, max_seqlen, position_ids, self.rope_inv_freq,
@@ -96,7 +107,9 @@ class VisionLanguageModel(LanguageModelStage, MegatronModule):
         decoder_input = None
         if self.pre_process:
             decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos,
-                                       video_grid_thw, context_parallel=context_parallel)
+                                       video_grid_thw, context_parallel=context_parallel,
+                                       image_feature_index=image_feature_index,
+                                       video_feature_index=video_feature_index)
             if self.config.sequence_parallel:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
         out = self.language_model(input_ids=None, position_ids=None, attention_mask=None,

@@ -40,7 +40,32 @@ def concat_packs(packs: list[dict]) -> dict:
     for k in ("num_real_tokens", "num_samples", "num_images", "num_videos"):
         out[k] = sum(int(p.get(k, 0)) for p in packs)
     out["sample_keys"] = [key for p in packs for key in p.get("sample_keys", [])]
+    if any("pair_segments" in p for p in packs):
+        _concat_pairs(packs, out)
     return out
+
+
+def _concat_pairs(packs: list[dict], out: dict):
+    """Preference packs (data/preference.py): each pair keeps pointing at its own segments and feature rows."""
+    pairs, segments_before = [], 0
+    for p in packs:
+        if "pair_segments" not in p:
+            raise ValueError("concat_packs: a pack without pair_segments among preference packs")
+        pairs.append(p["pair_segments"] + segments_before)
+        segments_before += int(p["cu_seqlens"].numel()) - 1
+    out["pair_segments"] = torch.cat(pairs)
+    out["pair_keys"] = [key for p in packs for key in p["pair_keys"]]
+    for index_key, grid in (("image_feature_index", "image_grid_thw"), ("video_feature_index", "video_grid_thw")):
+        pieces, rows_before = [], 0
+        for p in packs:
+            if index_key in p:
+                pieces.append(p[index_key] + rows_before)
+                # every feature row of a pair's media is used by its placeholders, so this is the row count
+                rows_before += int(p[index_key].max()) + 1 if p[index_key].numel() else 0
+            elif p.get(grid) is not None and p[grid].numel():
+                raise ValueError(f"concat_packs: a preference pack with {grid} but no {index_key}")
+        if pieces:
+            out[index_key] = torch.cat(pieces)
 
 
 def _to_device(batch: dict) -> dict:
