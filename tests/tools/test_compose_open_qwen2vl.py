@@ -37,7 +37,8 @@ def sources(tmp_path_factory):
     return {"siglip": write_tiny_siglip_dir(str(root / "siglip"), seed=0),
             "siglip_full": write_tiny_siglip_dir(str(root / "siglip_full"), seed=3, full=True),
             "qwen2": write_tiny_qwen2_dir(str(root / "qwen2"), seed=1),
-            "qwen2_tight": write_tiny_qwen2_dir(str(root / "qwen2_tight"), seed=2, tie=True, vocab_size=None)}
+            "qwen2_tight": write_tiny_qwen2_dir(str(root / "qwen2_tight"), seed=2, tie=True, vocab_size=None,
+                                                qwen_vision_tokens=False)}
 
 
 def _compose(*args):
@@ -107,9 +108,11 @@ def test_composed_dir_loads_and_matches_its_sources(sources, composed):
     assert vc["num_hidden_layers"] == 2 and vc["vision_use_head"] is False  # 3 source blocks, the last dropped
     tok = AutoTokenizer.from_pretrained(composed)
     src_tok = AutoTokenizer.from_pretrained(sources["qwen2"])
-    assert cfg["image_token_index"] == len(src_tok) == tok.convert_tokens_to_ids("<image>")  # added, next id
-    assert tok("a<image>b")["input_ids"].count(cfg["image_token_index"]) == 1  # one token, not split
-    assert cfg["text_config"]["vocab_size"] == 512  # the id fits in the table's spare rows: no resize
+    assert tok.get_vocab() == src_tok.get_vocab()  # the tokenizer has Qwen2-VL's placeholders: nothing added
+    for key, token in (("image_token_index", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+                       ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")):
+        assert cfg[key] == src_tok.convert_tokens_to_ids(token), key
+    assert cfg["text_config"]["vocab_size"] == 512
 
     got, src_vis, src_llm = _tensors(composed), _tensors(sources["siglip"]), _tensors(sources["qwen2"])
     # every source tensor kept (vision: all but block 2 and the head), nothing else besides the projector
@@ -133,7 +136,7 @@ def test_composed_dir_loads_and_matches_its_sources(sources, composed):
 
     proc = AutoProcessor.from_pretrained(composed)
     img = (np.random.default_rng(0).random((40, 30, 3)) * 255).astype("uint8")
-    batch = proc(text="<image>what colour is the shape?", images=[img], return_tensors="pt")
+    batch = proc(text="<|image_pad|>what colour is the shape?", images=[img], return_tensors="pt")
     assert int((batch["input_ids"] == cfg["image_token_index"]).sum()) == 49
     assert tuple(batch["pixel_values"].shape) == (1, 3, 28, 28)
     with torch.no_grad():
@@ -141,8 +144,9 @@ def test_composed_dir_loads_and_matches_its_sources(sources, composed):
 
 
 def test_full_siglip_tied_llm_grows_the_vocab(sources, tmp_path):
-    """A SiglipModel directory (text tower ignored) + a tied Qwen2 whose table has no spare row: <image> gets a
-    new row, the mean of the others; bfloat16 output, sharded."""
+    """A SiglipModel directory (text tower ignored) + a tied Qwen2 whose tokenizer has no <|image_pad|> and
+    whose table has no spare row: <image> is added and gets a new row, the mean of the others; bfloat16
+    output, sharded."""
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     out = str(tmp_path / "oq")
@@ -152,6 +156,10 @@ def test_full_siglip_tied_llm_grows_the_vocab(sources, tmp_path):
     cfg = json.load(open(os.path.join(out, "config.json")))
     n = len(AutoTokenizer.from_pretrained(sources["qwen2_tight"]))
     assert cfg["image_token_index"] == n and cfg["text_config"]["vocab_size"] == n + 1 and cfg["tie_word_embeddings"]
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.convert_tokens_to_ids("<image>") == n and len(tok) == n + 1  # added, the next id
+    assert tok("a<image>b")["input_ids"].count(n) == 1  # one token, not split
+    assert "video_token_id" not in cfg and "vision_start_token_id" not in cfg
     got, src = _tensors(out), _tensors(sources["qwen2_tight"])
     emb_key = next(k for k in got if k.endswith("embed_tokens.weight"))
     assert not [k for k in got if "lm_head" in k]  # tied

@@ -24,14 +24,18 @@ format of the family; loads with ``AutoModelForImageTextToText.from_pretrained(o
   no weights; this HF model is the 729-token (SFT) form.
 * the LLM and ``lm_head`` (none when ``tie_word_embeddings``) from ``llm_from`` (``model_type: qwen2``:
   Qwen2 / Qwen2.5 ``Qwen2ForCausalLM``).
-* the image token ``<image>`` (``image_token_index``): its id in the Qwen2 tokenizer when it has one, else it
-  is added as a special token (id = tokenizer length). When that id is outside the embedding table
-  (``vocab_size``; real Qwen2.5 tables have spare rows, 151936 > 151665 tokens, so no resize happens there)
+* the image placeholder token (``image_token_index``): ``<|image_pad|>`` when the Qwen2 tokenizer has it
+  (Qwen2.5 tokenizers do, at 151655, as does the shapes tokenizer of the tiny runs) — the placeholder
+  mllm_mega's data pipeline expands and checks against the model (``training/setup.py``), so the composed
+  start trains as it is; the tokenizer's ``<|video_pad|>`` / ``<|vision_start|>`` / ``<|vision_end|>`` ids are
+  written as ``video_token_id`` / ``vision_start_token_id`` / ``vision_end_token_id`` too. Otherwise ``<image>``
+  (LLaVA's), added as a special token (id = tokenizer length) unless the tokenizer has it. When that id is
+  outside the embedding table (``vocab_size``; real Qwen2.5 tables have spare rows, 151936 > 151665 tokens)
   the table grows to id + 1 rows and each new row of ``embed_tokens`` (and of an untied ``lm_head``) is the
   mean of the old rows — deterministic, unlike transformers' sampled ``mean_resizing``.
-* the tokenizer (with ``<image>``), a ``SiglipImageProcessor`` ``preprocessor_config.json`` (the vision dir's
+* the tokenizer (with ``<image>`` when added), a ``SiglipImageProcessor`` ``preprocessor_config.json`` (the vision dir's
   own when it has one, else SigLIP's defaults at the tower's ``image_size``: resize to a square, bicubic,
-  rescale 1/255, mean = std = 0.5), a ``LlavaProcessor`` ``processor_config.json`` (``<image>`` expands to
+  rescale 1/255, mean = std = 0.5), a ``LlavaProcessor`` ``processor_config.json`` (the image token expands to
   (image_size / patch_size)^2 tokens) and the Qwen2 ``generation_config.json``.
 * weights via ``save_pretrained`` (sharded at ``max_shard_size``) in the Qwen2 weights' dtype unless ``dtype``.
 
@@ -51,7 +55,9 @@ import tempfile
 import torch
 from tqdm import tqdm
 
-IMAGE_TOKEN = "<image>"
+IMAGE_TOKEN = "<image>"  # LLaVA's placeholder, added when the tokenizer has no Qwen2-VL one
+QWEN_VISION_TOKENS = {"image_token_index": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+                      "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
 VISION_TYPES = ("siglip_vision_model", "siglip")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -117,11 +123,17 @@ def _projector_init(shapes: list[tuple], seed: int) -> list[torch.Tensor]:
     return out
 
 
-def _image_token_id(tokenizer) -> tuple[int, bool]:
-    if IMAGE_TOKEN in tokenizer.get_vocab():
-        return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), False
-    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
-    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), True
+def _vision_tokens(tokenizer) -> tuple[str, dict, bool]:
+    """(image token, {config key: id}, added): Qwen2-VL's placeholder tokens when the tokenizer has
+    ``<|image_pad|>``, else ``<image>`` (added when missing)."""
+    vocab = tokenizer.get_vocab()
+    if QWEN_VISION_TOKENS["image_token_index"] in vocab:
+        return (QWEN_VISION_TOKENS["image_token_index"],
+                {key: int(vocab[tok]) for key, tok in QWEN_VISION_TOKENS.items() if tok in vocab}, False)
+    added = IMAGE_TOKEN not in vocab
+    if added:
+        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    return IMAGE_TOKEN, {"image_token_index": int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))}, added
 
 
 def _grow_vocab(llm, new_size: int) -> None:
@@ -179,10 +191,10 @@ def compose_model(vision_from: str, llm_from: str, out: str, *, seed: int = 0, d
         tokenizer = AutoTokenizer.from_pretrained(llm_from)
     except Exception as e:
         raise ValueError(f"--llm-from {llm_from!r}: unreadable tokenizer ({type(e).__name__}: {e})") from None
-    image_id, added = _image_token_id(tokenizer)
+    image_token, token_ids, added = _vision_tokens(tokenizer)
     old_vocab = int(llm.config.vocab_size)
-    if image_id >= old_vocab:
-        _grow_vocab(llm, image_id + 1)
+    if max(token_ids.values()) >= old_vocab:
+        _grow_vocab(llm, max(token_ids.values()) + 1)
 
     vc.update(num_hidden_layers=num_layers - 1, vision_use_head=False)
     for key in ("architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path"):
@@ -192,7 +204,7 @@ def compose_model(vision_from: str, llm_from: str, out: str, *, seed: int = 0, d
         text.pop(key, None)
     grid = int(vc["image_size"]) // int(vc["patch_size"])
     config = LlavaConfig(vision_config=SiglipVisionConfig(**vc).to_dict(), text_config=text,
-                         image_token_index=image_id, vision_feature_layer=-1, vision_feature_select_strategy="full",
+                         **token_ids, vision_feature_layer=-1, vision_feature_select_strategy="full",
                          projector_hidden_act="gelu", multimodal_projector_bias=True, image_seq_length=grid * grid,
                          tie_word_embeddings=bool(text.get("tie_word_embeddings")))
     model = LlavaForConditionalGeneration(config).eval()
@@ -217,7 +229,7 @@ def compose_model(vision_from: str, llm_from: str, out: str, *, seed: int = 0, d
     image_processor = AutoImageProcessor.from_pretrained(vision_from) if os.path.isfile(proc_src) else \
         SiglipImageProcessorPil(size={"height": int(vc["image_size"]), "width": int(vc["image_size"])})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=int(vc["patch_size"]),
-                               vision_feature_select_strategy="full", image_token=IMAGE_TOKEN,
+                               vision_feature_select_strategy="full", image_token=image_token,
                                num_additional_image_tokens=0)
 
     parent = os.path.dirname(os.path.abspath(out))
@@ -243,7 +255,7 @@ def compose_model(vision_from: str, llm_from: str, out: str, *, seed: int = 0, d
                   f"seed {seed}",
         "num_tensors": len(model.state_dict()), "dtype": str(out_dtype).replace("torch.", ""),
         "position_mode": "1d", "vision_layers": f"{num_layers} -> {num_layers - 1} (second-to-last block features)",
-        "image_token_index": image_id, "image_token_added": added,
+        "image_token": image_token, "token_ids": token_ids, "image_token_added": added,
         "vocab_size": f"{old_vocab} -> {config.text_config.vocab_size}",
     }
 

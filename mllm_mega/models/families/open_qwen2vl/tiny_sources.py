@@ -5,11 +5,14 @@
   images in 4x4 patches (a 7x7 grid; the real model: 384x384, 14x14 patches, 27x27), GELU-tanh as SigLIP;
 * :func:`write_tiny_qwen2_dir`: a ``Qwen2ForCausalLM`` directory (width 64, GQA 4/2, biases on q/k/v as Qwen2)
   with the shapes dataset's byte-level BPE tokenizer (:func:`mllm_mega.data.synthetic.train_tokenizer`);
-  ``vocab_size=None`` sizes the embedding to the tokenizer exactly (so adding ``<image>`` grows it).
+  ``vocab_size=None`` sizes the embedding to the tokenizer exactly (so adding ``<image>`` grows it);
+  ``qwen_vision_tokens=False`` renames its ``<|image_pad|>`` (an older Qwen2 tokenizer has no vision tokens).
 
 Norms and biases are randomised (HF initialises them to 1 / 0) so parity tests see every parameter.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -50,13 +53,20 @@ def write_tiny_siglip_dir(path: str, *, seed: int = 0, full: bool = False, **ove
 
 
 def write_tiny_qwen2_dir(path: str, *, seed: int = 1, hidden_size: int = 64, tie: bool = False,
-                         vocab_size: int | None = TINY_LLM_VOCAB, dtype: torch.dtype = torch.float32) -> str:
+                         vocab_size: int | None = TINY_LLM_VOCAB, dtype: torch.dtype = torch.float32,
+                         qwen_vision_tokens: bool = True) -> str:
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     from mllm_mega.data.synthetic import train_tokenizer
 
     texts = ["a red circle on the left", "two blue squares at the top", "what colour is the shape?"] * 20
     train_tokenizer(texts, path, vocab_size=400)  # (re)creates the directory: first
+    if not qwen_vision_tokens:
+        for name in os.listdir(path):
+            with open(os.path.join(path, name)) as f:
+                text = f.read()
+            with open(os.path.join(path, name), "w") as f:
+                f.write(text.replace("<|image_pad|>", "<|picture|>"))
     cfg = Qwen2Config(vocab_size=vocab_size or len(AutoTokenizer.from_pretrained(path)), hidden_size=hidden_size,
                       intermediate_size=112, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=tie,
