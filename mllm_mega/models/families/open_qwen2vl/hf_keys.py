@@ -37,14 +37,14 @@ def hf_key_is_known(key: str) -> bool:
     return normalize_hf_key(key).startswith(("vision_tower.", "multi_modal_projector.", "language_model."))
 
 
-def key_map(arch):
-    """(our key, [HF keys], kind) for every parameter; kinds: copy | patch | vqkv | qkv_split | glu."""
-    hf, pairs = "vision_tower.", []
-    pairs += [("vision.patch_embed.weight", [f"{hf}embeddings.patch_embedding.weight"], "patch"),
-              ("vision.patch_embed.bias", [f"{hf}embeddings.patch_embedding.bias"], "copy"),
-              ("vision.position_embedding.weight", [f"{hf}embeddings.position_embedding.weight"], "copy")]
-    for i in range(arch.vision.num_layers):
-        h, o = f"{hf}encoder.layers.{i}.", f"vision.layers.{i}."
+def vision_key_pairs(vision, *, ours: str = "vision.", hf: str = "vision_tower."):
+    """(our key, [HF keys], kind) of the SigLIP tower (``vision``: a SiglipVisionArch), projector excluded."""
+    pairs = []
+    pairs += [(f"{ours}patch_embed.weight", [f"{hf}embeddings.patch_embedding.weight"], "patch"),
+              (f"{ours}patch_embed.bias", [f"{hf}embeddings.patch_embedding.bias"], "copy"),
+              (f"{ours}position_embedding.weight", [f"{hf}embeddings.position_embedding.weight"], "copy")]
+    for i in range(vision.num_layers):
+        h, o = f"{hf}encoder.layers.{i}.", f"{ours}layers.{i}."
         for p in ("weight", "bias"):
             pairs += [
                 (f"{o}input_layernorm.{p}", [f"{h}layer_norm1.{p}"], "copy"),
@@ -54,7 +54,13 @@ def key_map(arch):
                 (f"{o}mlp.linear_fc1.{p}", [f"{h}mlp.fc1.{p}"], "copy"),
                 (f"{o}mlp.linear_fc2.{p}", [f"{h}mlp.fc2.{p}"], "copy"),
             ]
-    pairs += [(f"vision.post_layernorm.{p}", [f"{hf}post_layernorm.{p}"], "copy") for p in ("weight", "bias")]
+    pairs += [(f"{ours}post_layernorm.{p}", [f"{hf}post_layernorm.{p}"], "copy") for p in ("weight", "bias")]
+    return pairs
+
+
+def key_map(arch):
+    """(our key, [HF keys], kind) for every parameter; kinds: copy | patch | vqkv | qkv_split | glu."""
+    pairs = vision_key_pairs(arch.vision)
     for lin in ("linear_1", "linear_2"):
         for p in ("weight", "bias") if arch.vision.projector_bias else ("weight",):
             pairs.append((f"vision.merger.{lin}.{p}", [f"multi_modal_projector.{lin}.{p}"], "copy"))
@@ -62,12 +68,13 @@ def key_map(arch):
     return pairs
 
 
-def hf_to_ours(arch, get: Callable[[str], torch.Tensor], expected_shapes: dict | None = None
-               ) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_to_ours(arch, get: Callable[[str], torch.Tensor], expected_shapes: dict | None = None, *,
+               pairs: list | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (our key, tensor) from HF tensors fetched with ``get(hf_key)``; ``expected_shapes`` (our key ->
-    shape) turns a shape mismatch into an error naming the HF tensor(s)."""
+    shape) turns a shape mismatch into an error naming the HF tensor(s); ``pairs``: a part of the key map
+    (default: all of it)."""
     v, t = arch.vision, arch.text
-    for ours, hf_keys, kind in key_map(arch):
+    for ours, hf_keys, kind in pairs if pairs is not None else key_map(arch):
         tensors = [get(k) for k in hf_keys]
         if kind == "patch":
             out = tensors[0].reshape(tensors[0].shape[0], -1)
