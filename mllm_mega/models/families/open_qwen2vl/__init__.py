@@ -27,5 +27,5 @@ SPEC = register(FamilySpec(
     processor_config=lazy(f"{_PKG}.arch:processor_config"),
     check_layout=lazy(f"{_PKG}.arch:check_layout"),
     export_hf_config=lazy(f"{_PKG}.arch:export_hf_config"),
-    compose_hf=None,  # the lead wires compose.py:compose_from_options (helper oqrecipe) at merge
+    compose_hf=lazy(f"{_PKG}.compose:compose_from_options"),
 ))
