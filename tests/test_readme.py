@@ -78,7 +78,7 @@ COVERED = {
         "synopsis; every format through the library call, messages through the CLI's main()"),
     "python tools/check_dataset.py --data DIR --tokenizer TOK": (
         "tests/data/test_check_dataset.py", ['"tools/check_dataset.py"', '"--data"'], "synopsis"),
-    "python tools/compose_model.py --vision-from QWEN2VL_HF_DIR --llm-from QWEN3_HF_DIR --out M "
+    "python tools/compose_model.py --family valley --vision-from QWEN2VL_HF_DIR --llm-from QWEN3_HF_DIR --out M "
     "[--position-mode mrope|1d] [--seed 0] [--dtype bfloat16] [--max-shard-size 5GB]": (
         "tests/tools/test_compose_model.py", ['load_tool("compose_model")', '"--vision-from"', '"--llm-from"'],
         "synopsis; tiny Qwen2-VL + Qwen3 sources, through the CLI's main() and one real command"),
