@@ -109,6 +109,9 @@ def test_composed_dir_loads_and_matches_its_sources(sources, composed):
     tok = AutoTokenizer.from_pretrained(composed)
     src_tok = AutoTokenizer.from_pretrained(sources["qwen2"])
     assert tok.get_vocab() == src_tok.get_vocab()  # the tokenizer has Qwen2-VL's placeholders: nothing added
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # and its files are the source's, byte for byte
+        assert open(os.path.join(composed, name), "rb").read() == open(os.path.join(sources["qwen2"], name),
+                                                                      "rb").read(), name
     for key, token in (("image_token_index", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
                        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")):
         assert cfg[key] == src_tok.convert_tokens_to_ids(token), key

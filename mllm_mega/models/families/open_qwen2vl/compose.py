@@ -33,7 +33,7 @@ format of the family; loads with ``AutoModelForImageTextToText.from_pretrained(o
   outside the embedding table (``vocab_size``; real Qwen2.5 tables have spare rows, 151936 > 151665 tokens)
   the table grows to id + 1 rows and each new row of ``embed_tokens`` (and of an untied ``lm_head``) is the
   mean of the old rows — deterministic, unlike transformers' sampled ``mean_resizing``.
-* the tokenizer (with ``<image>`` when added), a ``SiglipImageProcessor`` ``preprocessor_config.json`` (the vision dir's
+* the tokenizer: the Qwen2 directory's files as they are (re-saved with ``<image>`` when it is added), a ``SiglipImageProcessor`` ``preprocessor_config.json`` (the vision dir's
   own when it has one, else SigLIP's defaults at the tower's ``image_size``: resize to a square, bicubic,
   rescale 1/255, mean = std = 0.5), a ``LlavaProcessor`` ``processor_config.json`` (the image token expands to
   (image_size / patch_size)^2 tokens) and the Qwen2 ``generation_config.json``.
@@ -59,6 +59,8 @@ IMAGE_TOKEN = "<image>"  # LLaVA's placeholder, added when the tokenizer has no 
 QWEN_VISION_TOKENS = {"image_token_index": "<|image_pad|>", "video_token_id": "<|video_pad|>",
                       "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
 VISION_TYPES = ("siglip_vision_model", "siglip")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "chat_template.jinja")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -239,6 +241,10 @@ def compose_model(vision_from: str, llm_from: str, out: str, *, seed: int = 0, d
         model.save_pretrained(tmp, max_shard_size=shard_bytes)
         bar.update()
         processor.save_pretrained(tmp)
+        if not added:  # the source's own files: a re-save through transformers may add keys (e.g. an unk_token)
+            for name in TOKENIZER_FILES:
+                if os.path.isfile(os.path.join(llm_from, name)):
+                    shutil.copyfile(os.path.join(llm_from, name), os.path.join(tmp, name))
         if os.path.isfile(os.path.join(llm_from, "generation_config.json")):
             shutil.copyfile(os.path.join(llm_from, "generation_config.json"),
                             os.path.join(tmp, "generation_config.json"))
