@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from tests.conftest import ROOT
 from tests.tools.conftest import load_tool
 
 FAMILY = "open_qwen2vl"
@@ -158,6 +159,17 @@ def test_composed_dir_imports_and_verifies(composed, tmp_path):
     import_hf(composed, ckpt, progress=False)
     # fp32 logits, ours vs transformers: the family's verify tolerance (measured 4.2e-7 here)
     assert verify(composed, ckpt)[0] <= 1e-6
+
+    # a run starting from it with its own tokenizer passes the trainer's placeholder-id checks (image, video,
+    # vision start must equal the data pipeline's ids) as composed, with no override
+    from mllm_mega.config import load_config
+    from mllm_mega.data.text import TextProcessor
+    from mllm_mega.training.setup import resolve_arch
+
+    cfg = load_config(os.path.join(ROOT, "examples/configs/tiny_open_qwen2vl.yaml"),
+                      [f"model.init_from={ckpt}", f"data.tokenizer_dir={composed}", "model.arch_overrides={}"])
+    arch = resolve_arch(cfg, TextProcessor(composed))
+    assert (arch.image_token_id, arch.vision.tokens_per_image) == (5, 49)
 
 
 def test_full_siglip_tied_llm_grows_the_vocab(sources, tmp_path):
