@@ -165,6 +165,14 @@ def test_pool_grid_model_and_export_refusal(oq_dirs, tmp_path, capsys):
         feats = hf.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1]
         ref = hf.model.multi_modal_projector(brute_force_pool(feats, 3, 2)).reshape(-1, ours.shape[-1])
     assert ours.shape == (12, 64) and (ours - ref).abs().max() <= ENC_ATOL
+    # the embedding scatter counts k*k = 4 placeholders per image (not the 9 patches)
+    ids = torch.tensor([8, 9] + [arch.image_token_id] * 12 + [10])
+    grid = torch.tensor([[1, 3, 3]] * 3)
+    with torch.no_grad():
+        emb = model.embed(ids, pixels, grid)
+    assert torch.equal(emb[2:14, 0], ours)
+    with pytest.raises(ValueError, match="27 image placeholder tokens in input_ids but the image grids give 12"):
+        model.embed(torch.tensor([arch.image_token_id] * 27), pixels, grid)
 
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     from convert_checkpoint import main
