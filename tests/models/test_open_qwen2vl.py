@@ -112,11 +112,11 @@ def test_rejects_other_llava_variants(oq_dirs, tmp_path, capsys):
 
 def test_verify_export_roundtrip(oq_dirs, tmp_path):
     """verify at TP1 on every case; export is bit-identical to the source and transformers loads it with the
-    same logits."""
+    same logits; the round trip of a tied-embedding model is bit-identical too."""
     from transformers import LlavaForConditionalGeneration
 
     from mllm_mega.checkpoint.convert import verify
-    from mllm_mega.checkpoint.export import compare_hf_dirs, export_hf
+    from mllm_mega.checkpoint.export import compare_hf_dirs, export_hf, roundtrip
     from mllm_mega.models import registry
 
     hf_dir, ckpt = oq_dirs
@@ -133,6 +133,10 @@ def test_verify_export_roundtrip(oq_dirs, tmp_path):
         a = LlavaForConditionalGeneration.from_pretrained(hf_dir, attn_implementation="eager")(**inp).logits
         b = LlavaForConditionalGeneration.from_pretrained(out, attn_implementation="eager")(**inp).logits
     assert torch.equal(a, b)
+    tied = str(tmp_path / "tied")  # tied embeddings: no lm_head tensor on either side
+    registry.get("open_qwen2vl").build_tiny_hf_model(seed=2, tie_word_embeddings=True).save_pretrained(tied)
+    rep = roundtrip(tied, progress=False)
+    assert rep["problems"] == [] and rep["tensors"] == n - 1
 
 
 def test_pool_grid_model_and_export_refusal(oq_dirs, tmp_path, capsys):
