@@ -112,11 +112,11 @@ def test_rejects_other_llava_variants(oq_dirs, tmp_path, capsys):
 
 def test_verify_export_roundtrip(oq_dirs, tmp_path):
     """verify at TP1 on every case; export is bit-identical to the source and transformers loads it with the
-    same logits."""
+    same logits; the round trip of a tied-embedding model is bit-identical too."""
     from transformers import LlavaForConditionalGeneration
 
     from mllm_mega.checkpoint.convert import verify
-    from mllm_mega.checkpoint.export import compare_hf_dirs, export_hf
+    from mllm_mega.checkpoint.export import compare_hf_dirs, export_hf, roundtrip
     from mllm_mega.models import registry
 
     hf_dir, ckpt = oq_dirs
@@ -133,6 +133,10 @@ def test_verify_export_roundtrip(oq_dirs, tmp_path):
         a = LlavaForConditionalGeneration.from_pretrained(hf_dir, attn_implementation="eager")(**inp).logits
         b = LlavaForConditionalGeneration.from_pretrained(out, attn_implementation="eager")(**inp).logits
     assert torch.equal(a, b)
+    tied = str(tmp_path / "tied")  # tied embeddings: no lm_head tensor on either side
+    registry.get("open_qwen2vl").build_tiny_hf_model(seed=2, tie_word_embeddings=True).save_pretrained(tied)
+    rep = roundtrip(tied, progress=False)
+    assert rep["problems"] == [] and rep["tensors"] == n - 1
 
 
 def test_pool_grid_model_and_export_refusal(oq_dirs, tmp_path, capsys):
@@ -165,6 +169,14 @@ def test_pool_grid_model_and_export_refusal(oq_dirs, tmp_path, capsys):
         feats = hf.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1]
         ref = hf.model.multi_modal_projector(brute_force_pool(feats, 3, 2)).reshape(-1, ours.shape[-1])
     assert ours.shape == (12, 64) and (ours - ref).abs().max() <= ENC_ATOL
+    # the embedding scatter counts k*k = 4 placeholders per image (not the 9 patches)
+    ids = torch.tensor([8, 9] + [arch.image_token_id] * 12 + [10])
+    grid = torch.tensor([[1, 3, 3]] * 3)
+    with torch.no_grad():
+        emb = model.embed(ids, pixels, grid)
+    assert torch.equal(emb[2:14, 0], ours)
+    with pytest.raises(ValueError, match="27 image placeholder tokens in input_ids but the image grids give 12"):
+        model.embed(torch.tensor([arch.image_token_id] * 27), pixels, grid)
 
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     from convert_checkpoint import main

@@ -4,8 +4,9 @@ models use it: fixed-resolution images, a patch embedding (a Conv2d with stride 
 the flattened patch), learned absolute position embeddings, pre-LayerNorm blocks with a GELU(tanh) MLP and
 bidirectional attention within each image; the features are the hidden state after a chosen block (LLaVA's
 ``vision_feature_layer``: ``hidden_states[L]``, *before* ``post_layernorm``, which only the pooling head and
-``last_hidden_state`` use). ``post_layernorm`` and any block after the chosen one are held (a checkpoint
-round trip keeps them) but never run.
+``last_hidden_state`` use). ``post_layernorm`` (as buffers) and any block after the chosen one are held (a
+checkpoint round trip keeps them) but never run; the LLaVA-interleave / Open-Qwen2VL towers are truncated so that
+no block is unused (a trainable unused block would get no gradient).
 
 Pixel format inside mllm_mega (:func:`siglip_patches`): a fixed-resolution image is given as flattened patches
 ``(num_images * (H/p) * (W/p), 3*p*p)`` in row-major patch order, each patch ordered (channel, row, col), with
@@ -26,7 +27,6 @@ from torch import nn
 
 from mllm_mega.models.common.attention import make_packed_seq_params
 from mllm_mega.models.common.layer_spec import layer_spec
-from mllm_mega.models.common.norm import TorchLayerNorm
 
 
 @dataclass
@@ -99,6 +99,17 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+class HeldLayerNorm(nn.Module):
+    """``post_layernorm``'s weight and bias as buffers: saved, imported and exported with the checkpoint but
+    never run nor trained (LLaVA's features precede it; a parameter without a gradient would stall megatron's
+    overlapped gradient reduction)."""
+
+    def __init__(self, hidden_size: int, dtype):
+        super().__init__()
+        self.register_buffer("weight", torch.ones(hidden_size, dtype=dtype))
+        self.register_buffer("bias", torch.zeros(hidden_size, dtype=dtype))
+
+
 class SiglipEncoder(MegatronModule):
     """Patch + position embeddings, megatron transformer layers (per-image bidirectional packed attention),
     then the projector (held as the ``merger`` child; called as ``merger(features, grid_thw)``)."""
@@ -113,7 +124,7 @@ class SiglipEncoder(MegatronModule):
         self.layers = nn.ModuleList(
             [build_module(spec, config=config, layer_number=i + 1) for i in range(arch.num_layers)]
         )
-        self.post_layernorm = TorchLayerNorm(config, hidden_size=arch.hidden_size, eps=arch.norm_eps)
+        self.post_layernorm = HeldLayerNorm(arch.hidden_size, dtype)
         self.merger = make_projector()
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:

@@ -15,11 +15,15 @@ TINY_IDS = {"vision_start_token_id": 3, "vision_end_token_id": 4, "image_token_i
 def tiny_config(*, tie_word_embeddings: bool = False, projector_pool_grid: int | None = None,
                 vision_overrides: dict | None = None, **text_overrides) -> dict:
     """A tiny LLaVA config.json dict; ``text_overrides`` replace text_config keys (the projector follows the
-    LLM's ``hidden_size``), ``vision_overrides`` vision_config keys; ``projector_pool_grid``: k (k x k tokens)."""
+    LLM's ``hidden_size``), ``vision_overrides`` vision_config keys (``num_heads``, as the other families name
+    it, is SigLIP's ``num_attention_heads``); ``projector_pool_grid``: k (k x k tokens per image)."""
+    vision_overrides = dict(vision_overrides or {})
+    if "num_heads" in vision_overrides:
+        vision_overrides["num_attention_heads"] = vision_overrides.pop("num_heads")
     vision = {"model_type": "siglip_vision_model", "hidden_size": 48, "intermediate_size": 80,
               "num_hidden_layers": 2, "num_attention_heads": 2, "num_channels": 3, "image_size": 42,
               "patch_size": 14, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, "attention_dropout": 0.0,
-              "vision_use_head": False, **(vision_overrides or {})}
+              "vision_use_head": False, **vision_overrides}
     text = {"model_type": "qwen2", "vocab_size": TINY_VOCAB, "hidden_size": 64, "intermediate_size": 112,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu",
             "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
