@@ -235,3 +235,22 @@ def test_dali_path(dataset):
     levels = diff * 0.5 * 255  # back to uint8 levels (std 0.5)
     # measured on these 20-70 px shapes scaled to 42x42: max 21 levels, mean 0.19 (antialiased cubic != PIL bicubic)
     assert 0 < levels.max() <= 21 + 1e-3 and levels.mean() < 0.25
+
+
+@pytest.mark.gpu
+def test_gpu_decoding_fixed_resolution():
+    """Not run on CPU CI: nvJPEG decoding + PIL resize against the CPU PIL path (same packs, close pixels)."""
+    if not torch.cuda.is_available() or not HAVE_DALI:
+        pytest.skip("needs CUDA and DALI")
+    import tempfile
+    from pathlib import Path
+
+    out = Path(tempfile.mkdtemp())
+    synthetic.make_dataset(str(out), 24, seed=3, num_eval=1, size_range=(20, 70), multi_image_frac=0.3)
+    gpu = build_train_loader(_cfg(out, decoder="dali", decode_device="gpu", resize_backend="pil"), dp_rank=0,
+                             dp_size=1, **OPTIONS)
+    cpu = build_train_loader(_cfg(out), dp_rank=0, dp_size=1, **OPTIONS)
+    for a, b in zip(gpu, cpu):
+        assert a["sample_keys"] == b["sample_keys"] and torch.equal(a["input_ids"], b["input_ids"])
+        levels = (a["pixel_values"] - b["pixel_values"]).abs() * 127.5  # nvJPEG vs libjpeg-turbo IDCT: a few levels
+        assert levels.mean() < 1 and levels.max() < 40
