@@ -106,7 +106,8 @@ class FixedResolution:
     # ------------------------------------------------------------------------------------------- samples
     def image_medium(self, data: bytes, cfg):
         """The :class:`~mllm_mega.data.samples.Medium` of one encoded image (header checks, no decoding)."""
-        info = inspect_image(data, min_side=cfg.min_image_side)
+        # any aspect ratio: the 200:1 cap is smart_resize's, the processor squashes any image to image_size
+        info = inspect_image(data, min_side=cfg.min_image_side, max_aspect_ratio=None)
         return Medium(IMAGE, [data], (info.height, info.width), self.image_size, self.grid,
                       alpha=info.decode_with_pil, tokens=self.tokens_per_image)
 

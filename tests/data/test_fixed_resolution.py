@@ -142,7 +142,8 @@ def dataset(tmp_path_factory):
     odd = [("grey", _encode(Image.fromarray(rng.integers(0, 256, (40, 30), dtype=np.uint8)), "JPEG")),
            ("rgba", _encode(Image.fromarray(rgba), "PNG")),
            ("cmyk", _encode(Image.fromarray(rng.integers(0, 256, (36, 44, 3), dtype=np.uint8)).convert("CMYK"),
-                            "JPEG"))]
+                            "JPEG")),
+           ("strip", _encode(Image.fromarray(rng.integers(0, 256, (10, 2500, 3), dtype=np.uint8)), "JPEG"))]  # 250:1
     write_shard(str(out / "train" / "shard-modes.tar"),
                 [(k, {"jpg" if k != "rgba" else "png": d, "txt": b"one red circle"}) for k, d in odd])
     return out
@@ -192,7 +193,7 @@ def test_loader_packs_fixed_resolution_images(dataset):
     videos = sum(v for _, v in raw.values())
     assert videos >= 3 and loader.skip_counts == {"video_not_supported": videos}
     assert sorted(seen) == sorted(k for k, (_, v) in raw.items() if not v) and num_images > len(seen)
-    assert {"grey", "rgba", "cmyk"} <= set(seen) and most >= 3  # FFD packs several samples per context
+    assert {"grey", "rgba", "cmyk", "strip"} <= set(seen) and most >= 3  # FFD packs several samples per context
     # eval samples: the same scheme through build_eval_samples (the eval split is one-image captions)
     ev = build_eval_samples(_cfg(dataset), path=str(dataset / "eval"), **OPTIONS)
     assert len(ev) == 2 and ev[0]["pixel_values"].shape == (9, 588) and ev[0]["image_grid_thw"].tolist() == [[1, 3, 3]]
