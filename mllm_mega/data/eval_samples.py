@@ -21,8 +21,8 @@ def build_eval_samples(cfg: DataConfig, *, path: str | list[str] | None = None, 
                        spatial_merge_size: int = 2, position_ids_fn=None, **image_options) -> list[dict]:
     """Held-out caption samples for generation: one dict per single-image caption sample.
 
-    Keys: ``key``, ``pixel_values`` (P, 1176) float32 ((P, 3*p*p) when fixed), ``image_grid_thw`` (1, 3) int64, ``input_ids`` (L,)
-    int64 (the caption prompt, placeholders expanded), ``position_ids`` (3, L) int64, ``caption`` str.
+    Keys: ``key``, ``pixel_values`` (P, 1176) float32 ((P, 3*p*p) when fixed), ``image_grid_thw`` (1, 3) int64,
+    ``input_ids`` (L,) int64 (the caption prompt, placeholders expanded), ``position_ids`` (3, L) int64, ``caption`` str.
     Images are decoded with PIL and not augmented; bad samples are skipped (as in training). ``image_options``:
     the image scheme, as build_train_loader's (``image_processing="fixed"``, ...: fixed_resolution.py).
     """

@@ -55,7 +55,6 @@ import numpy as np
 
 from mllm_mega.data.collate import ProcessedSample, collate_pack
 from mllm_mega.data.config import DataConfig
-from mllm_mega.data.dali_decode import resolve_backends
 from mllm_mega.data.eval_samples import build_eval_samples  # noqa: F401 (part of this module's API)
 from mllm_mega.data.fixed_resolution import image_scheme
 from mllm_mega.data.mixture import BlendedStream, mixture_fingerprint, mixture_shards
@@ -182,6 +181,8 @@ class PackedLoader:
         self._stats = {"samples": 0, "packs": 0, "real_tokens": 0, "images": 0, "videos": 0}
         if cfg.datasets:
             self._stats["per_dataset"] = {d["name"]: 0 for d in cfg.datasets}
+        from mllm_mega.data.dali_decode import resolve_backends  # imports DALI: only when a loader is built
+
         self.decoder_name, self.decode_device, self.resize_backend = resolve_backends(cfg)
         if self.scheme is not None:
             self.scheme.check_resize_backend(self.resize_backend)

@@ -142,7 +142,8 @@ def dataset(tmp_path_factory):
     odd = [("grey", _encode(Image.fromarray(rng.integers(0, 256, (40, 30), dtype=np.uint8)), "JPEG")),
            ("rgba", _encode(Image.fromarray(rgba), "PNG")),
            ("cmyk", _encode(Image.fromarray(rng.integers(0, 256, (36, 44, 3), dtype=np.uint8)).convert("CMYK"),
-                            "JPEG"))]
+                            "JPEG")),
+           ("strip", _encode(Image.fromarray(rng.integers(0, 256, (10, 2500, 3), dtype=np.uint8)), "JPEG"))]  # 250:1
     write_shard(str(out / "train" / "shard-modes.tar"),
                 [(k, {"jpg" if k != "rgba" else "png": d, "txt": b"one red circle"}) for k, d in odd])
     return out
@@ -192,7 +193,7 @@ def test_loader_packs_fixed_resolution_images(dataset):
     videos = sum(v for _, v in raw.values())
     assert videos >= 3 and loader.skip_counts == {"video_not_supported": videos}
     assert sorted(seen) == sorted(k for k, (_, v) in raw.items() if not v) and num_images > len(seen)
-    assert {"grey", "rgba", "cmyk"} <= set(seen) and most >= 3  # FFD packs several samples per context
+    assert {"grey", "rgba", "cmyk", "strip"} <= set(seen) and most >= 3  # FFD packs several samples per context
     # eval samples: the same scheme through build_eval_samples (the eval split is one-image captions)
     ev = build_eval_samples(_cfg(dataset), path=str(dataset / "eval"), **OPTIONS)
     assert len(ev) == 2 and ev[0]["pixel_values"].shape == (9, 588) and ev[0]["image_grid_thw"].tolist() == [[1, 3, 3]]
@@ -235,3 +236,22 @@ def test_dali_path(dataset):
     levels = diff * 0.5 * 255  # back to uint8 levels (std 0.5)
     # measured on these 20-70 px shapes scaled to 42x42: max 21 levels, mean 0.19 (antialiased cubic != PIL bicubic)
     assert 0 < levels.max() <= 21 + 1e-3 and levels.mean() < 0.25
+
+
+@pytest.mark.gpu
+def test_gpu_decoding_fixed_resolution():
+    """Not run on CPU CI: nvJPEG decoding + PIL resize against the CPU PIL path (same packs, close pixels)."""
+    if not torch.cuda.is_available() or not HAVE_DALI:
+        pytest.skip("needs CUDA and DALI")
+    import tempfile
+    from pathlib import Path
+
+    out = Path(tempfile.mkdtemp())
+    synthetic.make_dataset(str(out), 24, seed=3, num_eval=1, size_range=(20, 70), multi_image_frac=0.3)
+    gpu = build_train_loader(_cfg(out, decoder="dali", decode_device="gpu", resize_backend="pil"), dp_rank=0,
+                             dp_size=1, **OPTIONS)
+    cpu = build_train_loader(_cfg(out), dp_rank=0, dp_size=1, **OPTIONS)
+    for a, b in zip(gpu, cpu):
+        assert a["sample_keys"] == b["sample_keys"] and torch.equal(a["input_ids"], b["input_ids"])
+        levels = (a["pixel_values"] - b["pixel_values"]).abs() * 127.5  # nvJPEG vs libjpeg-turbo IDCT: a few levels
+        assert levels.mean() < 1 and levels.max() < 40
