@@ -253,3 +253,18 @@ def test_bad_inputs_exit_2_and_write_nothing(sources, tmp_path, capsys, case, ma
     else:
         assert not os.path.exists(out)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".compose-")]
+
+
+def test_a_failure_while_writing_leaves_nothing(sources, tmp_path, monkeypatch):
+    """An error after the weights are written (here the processor files: a full disk) removes the temporary
+    directory; --out never appears."""
+    from transformers import LlavaProcessor
+
+    def boom(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(LlavaProcessor, "save_pretrained", boom)
+    out = str(tmp_path / "out")
+    with pytest.raises(OSError, match="No space left"):
+        _compose("--vision-from", sources["siglip"], "--llm-from", sources["qwen2"], "--out", out)
+    assert os.listdir(tmp_path) == []
