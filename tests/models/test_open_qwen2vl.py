@@ -188,6 +188,47 @@ def test_pool_grid_model_and_export_refusal(oq_dirs, tmp_path, capsys):
     assert not os.path.exists(out)
 
 
+def test_key_map_in_memory_and_legacy_names_and_flops():
+    """transformers' in-memory names and the hub's older ``vision_tower.vision_model.*`` names normalise to the
+    on-disk names; HF -> ours -> HF gives every tensor back exactly; forward_flops = torch's FlopCounterMode on a
+    real forward (pool grid 2: the projector runs on 4 tokens per image)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mllm_mega.models import registry
+    from mllm_mega.models.families.open_qwen2vl.arch import forward_flops
+    from mllm_mega.models.families.open_qwen2vl.tiny import tiny_config
+    from mllm_mega.parallel.initialize import initialize_distributed
+
+    spec = registry.get("open_qwen2vl")
+    hf = spec.build_tiny_hf_model(seed=3)
+    arch = spec.parse_hf_config(tiny_config())
+    mem = hf.state_dict()
+    assert any(k.startswith("model.vision_tower.embeddings.") for k in mem)  # transformers 5 in-memory names
+    legacy = {k.replace("model.vision_tower.", "vision_tower.vision_model.") if k.startswith("model.vision_tower.")
+              else k: v for k, v in mem.items()}
+    for names in (mem, legacy):
+        sd = {spec.normalize_hf_key(k): v for k, v in names.items()}
+        assert all(spec.hf_key_is_known(k) for k in names)
+        back = dict(spec.ours_to_hf(arch, dict(spec.hf_to_ours(arch, sd.__getitem__)).__getitem__))
+        assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+
+    initialize_distributed(1, 1)
+    arch = spec.parse_hf_config(tiny_config(projector_pool_grid=2))
+    model = spec.build_stage(arch).eval()
+    seg = [4 + 7, 2 * 4 + 5]
+    ids = torch.randint(7, 400, (sum(seg),))
+    ids[2:6] = ids[14:22] = arch.image_token_id
+    cu = torch.tensor([0, seg[0], sum(seg)], dtype=torch.int32)
+    pos = torch.cat([torch.arange(n) for n in seg]).expand(3, -1).contiguous()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(ids, pos, cu, pixel_values=torch.randn(3, 3, 42, 42), image_grid_thw=torch.tensor([[1, 3, 3]] * 3))
+    ops = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    counted = sum(n for op, n in ops.items() if op in ("aten.mm", "aten.addmm", "aten.bmm"))
+    f = forward_flops(arch, 3, seg, causal=False)  # the torch reference computes full score matrices
+    assert counted == f["vision"] + f["merger"] + f["llm"], (ops, f)
+
+
 def test_arch_overrides(tmp_path):
     """model.arch_overrides sets the pool grid of a tiny arch (carried in its hf_config); a mistyped key is an
     error naming it and the nearest field."""

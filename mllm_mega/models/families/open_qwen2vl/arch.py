@@ -212,25 +212,33 @@ def verify_inputs(arch: OpenQwen2VLArch) -> dict:
     return out
 
 
-def pack_flops(arch: OpenQwen2VLArch, pack: dict, multipliers: dict[str, int]) -> float:
-    """Training FLOPs of one pack's real tokens: SigLIP (blocks run), projector (k*k tokens), LLM."""
+def forward_flops(arch: OpenQwen2VLArch, num_images: int, segment_lens: list[int], *, causal: bool = True
+                  ) -> dict[str, float]:
+    """{"vision", "merger", "llm"} forward FLOPs (matmuls; the pool and norms are not counted): SigLIP's blocks
+    that run, the projector on k*k tokens per image, the LLM on packed samples of these lengths (``causal``: see
+    :func:`mllm_mega.models.llms.qwen.llm_forward_flops`)."""
     from mllm_mega.models.llms.qwen import llm_forward_flops
 
+    v, patches = arch.vision, arch.vision.grid ** 2
+    h = v.hidden_size
+    per_patch = 2 * h * 3 * h + 2 * h * h + 4 * h * v.ffn_hidden_size  # qkv, proj, fc1 + fc2
+    vit = num_images * (2 * v.patch_dim * h * patches
+                        + v.num_layers_used * (per_patch * patches + 4 * h * patches * patches))
+    merger = num_images * v.tokens_per_image * (2 * h * v.out_hidden_size + 2 * v.out_hidden_size ** 2)
+    llm = sum(llm_forward_flops(arch.text, segment_lens, causal=causal).values())
+    return {"vision": float(vit), "merger": float(merger), "llm": float(llm)}
+
+
+def pack_flops(arch: OpenQwen2VLArch, pack: dict, multipliers: dict[str, int]) -> float:
+    """Training FLOPs of one pack's real tokens (:func:`forward_flops` times the training multipliers)."""
     lens, real, kept = (pack["cu_seqlens"][1:] - pack["cu_seqlens"][:-1]).tolist(), int(pack["num_real_tokens"]), []
     for n in lens:  # samples first, then the padding segment
         if sum(kept) >= real:
             break
         kept.append(n)
     grid = pack.get("image_grid_thw")
-    images = 0 if grid is None else int(grid.shape[0])
-    v, patches = arch.vision, arch.vision.grid ** 2
-    h = v.hidden_size
-    per_patch = 2 * h * 3 * h + 2 * h * h + 4 * h * v.ffn_hidden_size
-    vit = images * (2 * v.patch_dim * h * patches
-                    + v.num_layers_used * (per_patch * patches + 4 * h * patches * patches))
-    merger = images * v.tokens_per_image * (2 * h * v.out_hidden_size + 2 * v.out_hidden_size ** 2)
-    llm = sum(llm_forward_flops(arch.text, kept).values())
-    return float(multipliers["vision"] * vit + multipliers["merger"] * merger + multipliers["llm"] * llm)
+    f = forward_flops(arch, 0 if grid is None else int(grid.shape[0]), kept)
+    return float(sum(multipliers[k] * f[k] for k in ("vision", "merger", "llm")))
 
 
 # ---- export --------------------------------------------------------------------------------------------------
