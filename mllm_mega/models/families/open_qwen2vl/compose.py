@@ -25,19 +25,20 @@ format of the family; loads with ``AutoModelForImageTextToText.from_pretrained(o
 * the LLM and ``lm_head`` (none when ``tie_word_embeddings``) from ``llm_from`` (``model_type: qwen2``:
   Qwen2 / Qwen2.5 ``Qwen2ForCausalLM``).
 * the image placeholder token (``image_token_index``): ``<|image_pad|>`` when the Qwen2 tokenizer has it
-  (Qwen2.5 tokenizers do, at 151655 — not checked offline here — as does the shapes tokenizer of the tiny runs),
-  the placeholder
-  mllm_mega's data pipeline expands and checks against the model (``training/setup.py``), so the composed
-  start passes those checks as it is; the tokenizer's ``<|video_pad|>`` / ``<|vision_start|>`` / ``<|vision_end|>`` ids are
-  written as ``video_token_id`` / ``vision_start_token_id`` / ``vision_end_token_id`` too. Otherwise ``<image>``
-  (LLaVA's), added as a special token (id = tokenizer length) unless the tokenizer has it. When that id is
-  outside the embedding table (``vocab_size``; Qwen2.5's tables have spare rows: 151936 for 151665 tokens)
-  the table grows to id + 1 rows and each new row of ``embed_tokens`` (and of an untied ``lm_head``) is the
-  mean of the old rows — deterministic, unlike transformers' sampled ``mean_resizing``.
+  (Qwen2.5 tokenizers do, at 151655 — not checked offline here — as does the shapes tokenizer of the tiny
+  runs), the placeholder mllm_mega's data pipeline expands and checks against the model
+  (``training/setup.py``), so the composed start passes those checks as it is; the tokenizer's
+  ``<|video_pad|>`` / ``<|vision_start|>`` / ``<|vision_end|>`` ids are written as ``video_token_id`` /
+  ``vision_start_token_id`` / ``vision_end_token_id`` too. Otherwise ``<image>`` (LLaVA's), added as a special
+  token (id = tokenizer length) unless the tokenizer has it. When that id is outside the embedding table
+  (``vocab_size``; Qwen2.5's tables have spare rows: 151936 for 151665 tokens) the table grows to id + 1 rows
+  and each new row of ``embed_tokens`` (and of an untied ``lm_head``) is the mean of the old rows —
+  deterministic, unlike transformers' sampled ``mean_resizing``.
 * the tokenizer: the Qwen2 directory's files as they are (re-saved with ``<image>`` when it is added), a
-  ``SiglipImageProcessor`` ``preprocessor_config.json`` (the vision dir's own when it has one, else SigLIP's defaults at the tower's ``image_size``: resize to a square, bicubic,
-  rescale 1/255, mean = std = 0.5), a ``LlavaProcessor`` ``processor_config.json`` (the image token expands to
-  (image_size / patch_size)^2 tokens) and the Qwen2 ``generation_config.json``.
+  ``SiglipImageProcessor`` ``preprocessor_config.json`` (the vision dir's own when it has one, else SigLIP's
+  defaults at the tower's ``image_size``: resize to a square, bicubic, rescale 1/255, mean = std = 0.5), a
+  ``LlavaProcessor`` ``processor_config.json`` (the image token expands to (image_size / patch_size)^2 tokens)
+  and the Qwen2 ``generation_config.json``.
 * weights via ``save_pretrained`` (sharded at ``max_shard_size``) in the Qwen2 weights' dtype unless ``dtype``.
 
 The output is written under ``.compose-*`` next to ``out`` and renamed when complete. Bad input (missing
