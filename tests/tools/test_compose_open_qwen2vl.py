@@ -49,7 +49,8 @@ def _compose(*args):
 @pytest.fixture(scope="module")
 def composed(sources, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("oq_out") / "oq")
-    assert _compose("--vision-from", sources["siglip"], "--llm-from", sources["qwen2"], "--out", out, "--seed", "3") == 0
+    rc = _compose("--vision-from", sources["siglip"], "--llm-from", sources["qwen2"], "--out", out, "--seed", "3")
+    assert rc == 0
     return out
 
 
