@@ -50,6 +50,11 @@ class ModelConfig:
     """Parameter/compute dtype: auto (bfloat16 on GPU with fp32 master weights, float32 on CPU)."""
     tiny_overrides: dict = field(default_factory=dict)
     """Overrides of the tiny text config (e.g. hidden_size, num_hidden_layers); tiny archs only."""
+    arch_overrides: dict = field(default_factory=dict)
+    """Architecture fields set through the model's config.json before it is parsed, for any arch (tiny, HF
+    config, init_from checkpoint): each key must be a field of the family's arch that its parser reads from the
+    config.json key of the same name, e.g. ``{projector_pool_grid: 12}`` (open_qwen2vl: 12 x 12 = 144 tokens per
+    image; the patch grid, 27, gives 729 with the same weights). Saved with the checkpoint's config."""
     recompute_llm: str = "none"
     """Activation recomputation in the LLM: none | selective (megatron's core_attn recompute: our RoPE +
     packed-attention slot is re-run in the backward) | full (whole layers re-run, see recompute_method)."""

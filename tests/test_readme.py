@@ -65,6 +65,21 @@ COVERED = {
         "tests/tools/test_merge.py", ['method="ties"'], "synopsis; TIES through the library call the CLI makes"),
     "python tools/graft_vision.py --vision-from A --llm-from B --out grafted [--seed 0]": (
         "tests/tools/test_graft.py", ["--vision-from", "--llm-from"], "synopsis"),
+    "python tools/compose_model.py --family open_qwen2vl --vision-from SIGLIP_HF_DIR --llm-from QWEN2_HF_DIR --out M "
+    "[--seed 0] [--dtype bfloat16] [--max-shard-size 5GB]": (
+        "tests/tools/test_compose_open_qwen2vl.py", ['load_tool("compose_model")', 'FAMILY = "open_qwen2vl"',
+                                                     '"--vision-from"', '"--llm-from"', '"--dtype", "bfloat16"'],
+        "synopsis; tiny SigLIP + Qwen2 sources, through the CLI's main()"),
+    "torchrun --nproc_per_node=2 -m mllm_mega.train --config examples/configs/tiny_open_qwen2vl.yaml": (
+        "tests/training/test_open_qwen2vl_training.py", ['"examples/configs/tiny_open_qwen2vl.yaml"', "train_many"],
+        "the same config at TP1 in one process (run_many.py) with size overrides (6 steps, 1024-token packs, the "
+        "tests' shapes data)"),
+    "torchrun --nproc_per_node=2 -m mllm_mega.train --config examples/configs/tiny_open_qwen2vl.yaml "
+    "run_dir=runs/tiny_open_qwen2vl_729 model.init_from=runs/tiny_open_qwen2vl/checkpoints "
+    "\"model.arch_overrides={projector_pool_grid: 27}\" train.max_steps=100": (
+        "tests/training/test_open_qwen2vl_training.py", ['"model.arch_overrides={projector_pool_grid: 27}"',
+                                                         'f"model.init_from={s1}/checkpoints"'],
+        "the second run of the same launch, 4 steps, from the first run's checkpoints"),
     # inline commands of the prose (synopses with placeholders)
     "python -m mllm_mega.train": (
         "examples/train_tiny.sh", ["-m mllm_mega.train"], "the entry point's name; its instance is the main job"),
@@ -93,7 +108,7 @@ COVERED = {
     "python -m mllm_mega.train --config examples/configs/tiny_dpo.yaml": (
         "tests/objectives/test_preference_training.py", ['"objective": {"name": "preference"'],
         "the same objective on its own 24 synthetic pairs for 3 steps; the config's full run takes minutes"),
-    "python tools/compose_model.py --vision-from QWEN2VL_HF_DIR --llm-from QWEN3_HF_DIR --out M "
+    "python tools/compose_model.py --family valley --vision-from QWEN2VL_HF_DIR --llm-from QWEN3_HF_DIR --out M "
     "[--position-mode mrope|1d] [--seed 0] [--dtype bfloat16] [--max-shard-size 5GB]": (
         "tests/tools/test_compose_model.py", ['load_tool("compose_model")', '"--vision-from"', '"--llm-from"'],
         "synopsis; tiny Qwen2-VL + Qwen3 sources, through the CLI's main() and one real command"),

@@ -155,6 +155,9 @@ def export_hf(load: str, out: str, *, dtype: str | None = None, max_shard_size: 
     limit = parse_size(max_shard_size)
     target = parse_dtype(dtype or ref.meta.get("source_dtype") or "float32")
     check_out(out)
+    spec = registry.spec_of(ref.arch)
+    if spec.export_hf_config is not None:  # before any loading: it refuses an arch HF cannot express
+        spec.export_hf_config(ref.arch.hf_config, target)
     state = tensor_state(load_full_model(ref))
     with staged_output(out, ".export-") as tmp:
         return write_hf_dir(tmp, ref.arch, state, dtype=target, max_shard_bytes=limit, extra_from=ref.root,

@@ -1,4 +1,4 @@
-"""Data pipeline: WebDataset shards -> DALI/PIL decoding -> NaViT patches -> packed THD micro-batches.
+"""Data pipeline: WebDataset shards -> DALI/PIL decoding -> NaViT or fixed-size patches -> packed THD micro-batches.
 
 Entry points (see loader.py): ``build_train_loader(cfg, dp_rank=, dp_size=)``, ``build_eval_samples(cfg)``,
 ``DataConfig`` (config.py). Imported lazily so that ``mllm_mega.data.packing`` stays light.

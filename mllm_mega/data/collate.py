@@ -41,11 +41,12 @@ def shifted_labels(input_ids: np.ndarray, supervised: np.ndarray) -> np.ndarray:
 
 def collate_pack(samples: list[ProcessedSample], seq_len: int, *, loss_reweighting: str = "token",
                  pad_token_id: int = 0, spatial_merge_size: int = 2,
-                 tokens_per_second: float | None = None, position_ids_fn=None) -> dict:
+                 tokens_per_second: float | None = None, position_ids_fn=None, patch_dim: int | None = None) -> dict:
     """The micro-batch dict (CPU tensors) of one pack; see the module docstring and loader.py.
 
     ``position_ids_fn`` (the model family's, ``sample_position_ids``'s signature) gives one sample's (3, n)
-    position ids; None = MRoPE (:func:`mllm_mega.models.positions.sample_position_ids`)."""
+    position ids; None = MRoPE (:func:`mllm_mega.models.positions.sample_position_ids`). ``patch_dim``: the
+    width of ``pixel_values`` rows when a pack has no image (None = the Qwen2-VL 1176)."""
     position_ids_fn = position_ids_fn or sample_position_ids
     total = sum(s.spec.length for s in samples)
     if total > seq_len:
@@ -79,8 +80,8 @@ def collate_pack(samples: list[ProcessedSample], seq_len: int, *, loss_reweighti
     cu_seqlens = torch.tensor(cu, dtype=torch.int32)
     labels_t = torch.from_numpy(labels)
 
-    def cat(parts):
-        return torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, PATCH_DIM)
+    def cat(parts, width=PATCH_DIM):
+        return torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, width)
 
     def grids(parts):
         return torch.tensor(parts, dtype=torch.int64).reshape(-1, 3)
@@ -92,7 +93,7 @@ def collate_pack(samples: list[ProcessedSample], seq_len: int, *, loss_reweighti
         "position_ids": position_ids,
         "cu_seqlens": cu_seqlens,
         "max_seqlen": int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
-        "pixel_values": cat(image_patches),
+        "pixel_values": cat(image_patches, patch_dim or PATCH_DIM),
         "image_grid_thw": grids(image_grids),
         "pixel_values_videos": cat(video_patches),
         "video_grid_thw": grids(video_grids),

@@ -233,21 +233,3 @@ def tool_config(data: str | None = None, config: str | None = None, tokenizer: s
         values["tokenizer_dir"] = found
     values.update({k: v for k, v in overrides.items() if v is not None})
     return DataConfig.from_dict(values)
-
-
-def resolve_backends(cfg: DataConfig) -> tuple[str, str, str]:
-    """(decoder, decode device, resize backend) with the "auto" settings resolved; errors name the setting."""
-    from mllm_mega.data.dali_decode import HAVE_DALI, cuda_available
-
-    decoder = cfg.decoder if cfg.decoder != "auto" else ("dali" if HAVE_DALI else "pil")
-    if decoder == "dali" and not HAVE_DALI:
-        raise ValueError("decoder='dali' but nvidia-dali is not installed")
-    device = cfg.decode_device
-    if device == "auto":
-        device = "gpu" if decoder == "dali" and cuda_available() else "cpu"
-    if device == "gpu" and decoder != "dali":
-        raise ValueError("decode_device='gpu' needs decoder='dali'")
-    resize = cfg.resize_backend if cfg.resize_backend != "auto" else ("dali" if device == "gpu" else "pil")
-    if resize == "dali" and decoder != "dali":
-        raise ValueError("resize_backend='dali' needs the DALI decoder")
-    return decoder, device, resize

@@ -179,3 +179,19 @@ class DaliDecoder:
                         self.num_rebuilds += 1
                         results.append(exc)
         return results
+
+
+def resolve_backends(cfg) -> tuple[str, str, str]:
+    """(decoder, decode device, resize backend) of a DataConfig, "auto" resolved; invalid pairs are errors."""
+    decoder = cfg.decoder if cfg.decoder != "auto" else ("dali" if HAVE_DALI else "pil")
+    if decoder == "dali" and not HAVE_DALI:
+        raise ValueError("decoder='dali' but nvidia-dali is not installed")
+    device = cfg.decode_device
+    if device == "auto":
+        device = "gpu" if decoder == "dali" and cuda_available() else "cpu"
+    if device == "gpu" and decoder != "dali":
+        raise ValueError("decode_device='gpu' needs decoder='dali'")
+    resize = cfg.resize_backend if cfg.resize_backend != "auto" else ("dali" if device == "gpu" else "pil")
+    if resize == "dali" and decoder != "dali":
+        raise ValueError("resize_backend='dali' needs the DALI decoder")
+    return decoder, device, resize

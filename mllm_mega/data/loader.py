@@ -23,7 +23,7 @@ Micro-batch (dict of CPU tensors; T = seq_len):
     position_ids (3, T) int64        MRoPE, restarting at 0 per sample; 0 on padding
     cu_seqlens (S+1,) int32          one segment per sample, padding as its own last segment
     max_seqlen int
-    pixel_values (P, 1176) float32   HF processor order; image_grid_thw (I, 3) int64
+    pixel_values (P, 1176) float32   HF processor order (fixed_resolution: (P, 3*p*p)); image_grid_thw (I, 3)
     pixel_values_videos (Pv, 1176)   video_grid_thw (V, 3) int64, second_per_grid_ts (V,) float32
     num_real_tokens, num_samples, num_images, num_videos int; sample_keys list[str]
 With data.preference: packs of preference pairs, plus pair_segments, pair_keys, feature indices (preference.py).
@@ -55,8 +55,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from mllm_mega.data.collate import ProcessedSample
-from mllm_mega.data.config import DataConfig, resolve_backends
+from mllm_mega.data.config import DataConfig
 from mllm_mega.data.eval_samples import build_eval_samples  # noqa: F401 (part of this module's API)
+from mllm_mega.data.fixed_resolution import image_scheme
 from mllm_mega.data.mixture import BlendedStream, mixture_fingerprint, mixture_shards
 from mllm_mega.data.packing import pack_ffd
 from mllm_mega.data.preference import sample_functions
@@ -145,9 +146,14 @@ class PackedLoader:
     """Iterator of packed micro-batches; see the module docstring."""
 
     def __init__(self, cfg: DataConfig, *, dp_rank: int = 0, dp_size: int = 1, spatial_merge_size: int = 2,
-                 tokens_per_second: float | None = None, position_ids_fn=None):
+                 tokens_per_second: float | None = None, position_ids_fn=None, **image_options):
         self.cfg = cfg
         self.position_ids_fn = position_ids_fn
+        # None: Qwen2-VL smart_resize (vision.py); else one size for every image (fixed_resolution.py)
+        self.scheme = image_scheme(**image_options, position_ids_fn=position_ids_fn,
+                                   spatial_merge_size=spatial_merge_size)
+        self._resize, self._to_patches = ((self.scheme.resize, self.scheme.image_to_patches) if self.scheme
+                                          else (resize_pil, image_to_patches))
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.spatial_merge_size, self.tokens_per_second = spatial_merge_size, tokens_per_second
         self.text = TextProcessor(cfg.tokenizer_dir)
@@ -178,7 +184,11 @@ class PackedLoader:
         self._stats = {"samples": 0, "packs": 0, "real_tokens": 0, "images": 0, "videos": 0}
         if cfg.datasets:
             self._stats["per_dataset"] = {d["name"]: 0 for d in cfg.datasets}
+        from mllm_mega.data.dali_decode import resolve_backends  # imports DALI: only when a loader is built
+
         self.decoder_name, self.decode_device, self.resize_backend = resolve_backends(cfg)
+        if self.scheme is not None:
+            self.scheme.check_resize_backend(self.resize_backend)
         self._decoder = None
         self._pool = ThreadPoolExecutor(cfg.num_workers) if cfg.num_workers > 1 else None
         # prefetching: a producer thread runs ahead; every batch travels with the state right after it
@@ -238,7 +248,7 @@ class PackedLoader:
             raw, epoch = item
             dataset = self._dataset_of[raw.shard]
             try:
-                spec = self._parse(raw, self.text, self.cfg, epoch)
+                spec = self._parse(raw, self.text, self.cfg, epoch, image_scheme=self.scheme)
             except Exception as exc:  # noqa: BLE001 - one odd sample must not stop training
                 if not isinstance(exc, BadSample):
                     logger.exception("data: unexpected error in sample %s of %s", raw.key, raw.shard)
@@ -412,9 +422,9 @@ class PackedLoader:
                 q = quality[si_mi]
                 imgs = [resize_pil(jpeg_recompress_pil(im, q) if q is not None else im, h, w) for im in imgs]
             else:
-                imgs = [im if resized_by_decoder else resize_pil(im, h, w) for im in frames[si_mi]]
+                imgs = [im if resized_by_decoder else self._resize(im, h, w) for im in frames[si_mi]]
             if medium.kind == IMAGE:
-                return image_to_patches(imgs[0], self.spatial_merge_size)[0]
+                return self._to_patches(imgs[0], self.spatial_merge_size)[0]
             return video_to_patches(np.stack(imgs), self.spatial_merge_size)[0]
 
         keys = [(si, mi) for si in range(len(pack)) if si not in bad for mi in range(pack[si].num_media)]
@@ -431,7 +441,8 @@ class PackedLoader:
         self._run_of_skips = 0
         batch = self._collate(samples, cfg.seq_len, loss_reweighting=cfg.loss_reweighting,
                              pad_token_id=self.text.pad_token_id, spatial_merge_size=self.spatial_merge_size,
-                             tokens_per_second=self.tokens_per_second, position_ids_fn=self.position_ids_fn)
+                             tokens_per_second=self.tokens_per_second, position_ids_fn=self.position_ids_fn,
+                             patch_dim=self.scheme.patch_dim if self.scheme else None)
         st = self._stats
         st["samples"] += batch["num_samples"]
         st["packs"] += 1
@@ -450,7 +461,8 @@ class PackedLoader:
                 "shards": [os.path.basename(s) for s in self.shards], "min_pixels": c.min_pixels,
                 "max_pixels": c.max_pixels, "buffer_size": c.buffer_size,
                 **({"preference": True} if c.preference else {}),
-                **({"datasets": mixture_fingerprint(c.datasets, self._mixture_shards)} if c.datasets else {})}
+                **({"datasets": mixture_fingerprint(c.datasets, self._mixture_shards)} if c.datasets else {}),
+                **(self.scheme.fingerprint() if self.scheme else {})}
 
     def state_dict(self) -> dict:
         """Everything needed to continue after the last batch handed out, exactly (JSON-serializable)."""
@@ -483,7 +495,8 @@ class PackedLoader:
             specs = []
             for epoch, restore_key in entries:
                 try:
-                    specs.append(self._parse(read_sample_at(restore_key), self.text, self.cfg, epoch))
+                    specs.append(self._parse(read_sample_at(restore_key), self.text, self.cfg, epoch,
+                                             image_scheme=self.scheme))
                 except (OSError, BadSample) as exc:
                     raise ValueError(f"cannot restore sample {restore_key[1]!r} from {restore_key[0]}: {exc}; "
                                      "the data changed since the state was saved") from exc
@@ -500,10 +513,11 @@ class PackedLoader:
 
 
 def build_train_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int, spatial_merge_size: int = 2,
-                       tokens_per_second: float | None = None, position_ids_fn=None) -> PackedLoader:
+                       tokens_per_second: float | None = None, position_ids_fn=None, **image_options) -> PackedLoader:
     """The trainer's data entry point: an iterator of packed micro-batches for this data-parallel rank.
 
     The keyword arguments come from the model family (``FamilySpec.loader_options``): the processor's merge
-    size, the MRoPE video time scale, and the position-id function (None = MRoPE)."""
+    size, the MRoPE video time scale, the position-id function (None = MRoPE) and the image scheme
+    (``image_processing="fixed"`` with image_size, patch_size, tokens_per_image, ...: fixed_resolution.py)."""
     return PackedLoader(cfg, dp_rank=dp_rank, dp_size=dp_size, spatial_merge_size=spatial_merge_size,
-                        tokens_per_second=tokens_per_second, position_ids_fn=position_ids_fn)
+                        tokens_per_second=tokens_per_second, position_ids_fn=position_ids_fn, **image_options)

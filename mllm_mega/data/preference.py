@@ -73,7 +73,8 @@ def _completion(meta: dict, name: str) -> str:
     return value
 
 
-def parse_preference_sample(raw: RawSample, text: TextProcessor, cfg: DataConfig, epoch: int = 0) -> PairSpec:
+def parse_preference_sample(raw: RawSample, text: TextProcessor, cfg: DataConfig, epoch: int = 0, *,
+                            image_scheme=None) -> PairSpec:
     """Validate and tokenize a preference sample (no decoding); raises BadSample naming the skip reason."""
     if "json" not in raw.fields:
         raise BadSample("pair_missing", "a preference sample needs a json with the prompt, chosen and rejected")
@@ -98,7 +99,7 @@ def parse_preference_sample(raw: RawSample, text: TextProcessor, cfg: DataConfig
                                              "content": completion}]
         one = dataclasses.replace(raw, fields={**raw.fields, "json": json.dumps(sft).encode()})
         try:
-            spec = parse_sample(one, text, cfg, epoch)
+            spec = parse_sample(one, text, cfg, epoch, image_scheme=image_scheme)
         except BadSample as exc:
             if exc.reason == "too_long":
                 raise BadSample("pair_too_long", f"a segment alone: {exc}") from None

@@ -40,6 +40,7 @@ SKIP_REASONS = {
     "image_decode_error": "passed the header checks but failed to decode",
     "video_error": "frames of different sizes, or an undecodable video",
     "video_unsupported": "an encoded video (mp4, ...) without PyAV installed",
+    "video_not_supported": "a video under fixed-resolution image processing (images only)",
     "json_malformed": "json that does not parse or holds no valid conversation",
     "missing_text": "no txt and no json, or an empty / non-UTF-8 caption",
     "missing_image": "more <image>/<video> placeholders than images/videos",
@@ -76,10 +77,11 @@ class Medium:
     alpha: bool = False  # decoded with PIL: transparency (composited onto white, as HF does) or a PIL-only format
     video_file: bytes | None = None  # an encoded video (mp4, ...), decoded with PyAV
     frame_indices: tuple[int, ...] = ()  # the frames of video_file to keep
+    tokens: int | None = None  # LLM tokens when fixed by the image scheme (fixed_resolution.py), else from grid
 
     @property
     def num_tokens(self) -> int:
-        return num_vision_tokens(self.grid)
+        return self.tokens if self.tokens is not None else num_vision_tokens(self.grid)
 
 
 @dataclass
@@ -187,8 +189,10 @@ def _fps_list(meta: dict, num_videos: int, default: float) -> list[float]:
     return [float(f) for f in fps]
 
 
-def parse_sample(raw: RawSample, text: TextProcessor, cfg: DataConfig, epoch: int = 0) -> SampleSpec:
-    """Validate and tokenize ``raw`` (no decoding); raises BadSample naming the skip reason."""
+def parse_sample(raw: RawSample, text: TextProcessor, cfg: DataConfig, epoch: int = 0, *,
+                 image_scheme=None) -> SampleSpec:
+    """Validate and tokenize ``raw`` (no decoding); raises BadSample naming the skip reason.
+    ``image_scheme``: None (Qwen2-VL smart_resize) or a fixed_resolution.FixedResolution."""
     fields = raw.fields
     image_data, video_frames = image_fields(fields)
     meta = None
@@ -210,8 +214,10 @@ def parse_sample(raw: RawSample, text: TextProcessor, cfg: DataConfig, epoch: in
     else:
         order = ["image"] * len(image_data) + ["video"] * len(video_frames)
 
+    if image_scheme is not None:
+        image_scheme.check_videos(len(video_frames))
     fps = _fps_list(meta, len(video_frames), cfg.video_fps) if video_frames else []
-    images = [_image_medium(d, cfg) for d in image_data]
+    images = [image_scheme.image_medium(d, cfg) if image_scheme else _image_medium(d, cfg) for d in image_data]
     videos = [_video_file_medium(v, cfg) if isinstance(v, bytes) else _video_medium(v, r, cfg)
               for v, r in zip(video_frames, fps)]
     image_iter, video_iter = iter(images), iter(videos)

@@ -146,12 +146,12 @@ class ImageInfo:
         return self.has_alpha or self.format in PIL_ONLY_FORMATS
 
 
-def inspect_image(data: bytes, *, min_side: int = 1) -> ImageInfo:
+def inspect_image(data: bytes, *, min_side: int = 1, max_aspect_ratio: float | None = MAX_ASPECT_RATIO) -> ImageInfo:
     """Read and check an encoded image's header without decoding the pixels.
 
     Raises :class:`BadSample` with reason ``image_unreadable`` (not an image, or an unsupported format),
     ``image_truncated`` (missing end marker), ``image_too_small`` (a side under ``min_side``) or
-    ``image_aspect_ratio`` (more elongated than 200:1, which smart_resize refuses).
+    ``image_aspect_ratio`` (more elongated than 200:1, which smart_resize refuses; None: no limit).
     """
     try:
         with warnings.catch_warnings():
@@ -170,8 +170,8 @@ def inspect_image(data: bytes, *, min_side: int = 1) -> ImageInfo:
         height, width = width, height
     if min(height, width) < min_side:
         raise BadSample("image_too_small", f"{width}x{height} image has a side under {min_side} px")
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise BadSample("image_aspect_ratio", f"{width}x{height} image is more elongated than {MAX_ASPECT_RATIO}:1")
+    if max_aspect_ratio is not None and max(height, width) / min(height, width) > max_aspect_ratio:
+        raise BadSample("image_aspect_ratio", f"{width}x{height} image is more elongated than {max_aspect_ratio}:1")
     return ImageInfo(height, width, fmt, has_alpha)
 
 

@@ -8,7 +8,8 @@ The encoder and the projector are parts, built from the arch by factory function
 without editing this file. An encoder factory is ``(arch, vision_config, make_projector, *, kernels)`` and
 returns a module ``(pixel_values, grid_thw) -> (num_merged_tokens, llm_hidden)`` holding the projector that
 ``make_projector()`` builds; a projector factory is ``(arch, vision_config, *, kernels)``. The arch supplies
-``vision.spatial_merge_size`` (placeholders per ``grid_thw`` row: ``t*h*w / merge**2``),
+``vision.spatial_merge_size`` (placeholders per ``grid_thw`` row: ``t*h*w / merge**2``) or
+``vision.tokens_per_grid(grid_thw)`` (its own count, e.g. a fixed pool; :func:`media_token_counts`),
 ``image_token_id``/``video_token_id`` and ``text`` (the LLM arch).
 
 The forward works on one packed (THD) sequence: ``input_ids`` (T,), MRoPE ``position_ids`` (3, T) restarting
@@ -28,6 +29,15 @@ from mllm_mega.models.llms.qwen import LanguageModelStage, build_language_model,
 from mllm_mega.models.layout import ParallelLayout
 from mllm_mega.models.positions import get_rope_index
 from mllm_mega.models.common.layer_spec import resolve_kernels
+
+
+def media_token_counts(arch, grid_thw: torch.Tensor) -> torch.Tensor:
+    """(num_grids,) placeholder tokens of each ``grid_thw`` row: the vision arch's own rule where it has one
+    (``vision.tokens_per_grid``, e.g. a fixed k x k pool), else ``t*h*w / spatial_merge_size**2`` (Qwen2-VL)."""
+    rule = getattr(arch.vision, "tokens_per_grid", None)
+    if rule is not None:
+        return rule(grid_thw)
+    return grid_thw.prod(-1) // arch.vision.spatial_merge_size ** 2
 
 
 class VisionLanguageModel(LanguageModelStage, MegatronModule):
@@ -76,8 +86,7 @@ class VisionLanguageModel(LanguageModelStage, MegatronModule):
             return cp_embed(self, input_ids, context_parallel, pieces, grids, emb)
         if pieces:
             feats = self.vision(torch.cat(pieces), torch.cat(grids))
-            unit = self.arch.vision.spatial_merge_size ** 2
-            num_image = int(image_grid_thw.prod(-1).sum()) // unit if image_grid_thw is not None else 0
+            num_image = int(media_token_counts(self.arch, image_grid_thw).sum()) if image_grid_thw is not None else 0
             emb = emb.clone()
             for token_id, part, index in ((self.arch.image_token_id, feats[:num_image], image_feature_index),
                                           (self.arch.video_token_id, feats[num_image:], video_feature_index)):

@@ -236,5 +236,8 @@ def media_kwargs(arch) -> dict:
     vision = getattr(arch, "vision", None)
     if vision is None:
         return {"image_token_id": -1, "video_token_id": -1, "merge_unit": 1}
+    if not hasattr(vision, "spatial_merge_size"):  # a fixed pool (open_qwen2vl): counts are not h*w / unit
+        raise ValueError(f"context parallel (parallel.cp > 1) is not supported for family {arch.family!r}: its "
+                         "vision tokens per image are not a patch count over a merge unit")
     return {"image_token_id": arch.image_token_id, "video_token_id": arch.video_token_id,
             "merge_unit": vision.spatial_merge_size ** 2}

@@ -22,7 +22,8 @@ from mllm_mega.training import integrity
 
 # config keys whose change breaks the continuation of a run (data order, batch, RNG streams, model shape)
 BREAKING_KEYS = ("seed", "train.global_batch_size", "data.data_path", "data.seed", "data.seq_len",
-                 "data.loss_reweighting", "model.arch", "model.tiny_overrides", "objective.name",
+                 "data.loss_reweighting", "model.arch", "model.tiny_overrides", "model.arch_overrides",
+                 "objective.name",
                  "objective.reference_from")
 # what a config saved before a section existed meant
 _SAVED_DEFAULTS = {"objective.name": "next_token", "objective.reference_from": None}

@@ -56,11 +56,33 @@ def arch_config_dict(cfg: Config, text) -> dict:
     return hf
 
 
+def apply_arch_overrides(hf: dict, overrides: dict, parse):
+    """``parse(hf)`` with ``model.arch_overrides`` set as config.json keys (so the arch's ``hf_config``, which
+    checkpoints and exports carry, has them); a key that is not an arch field the parser reads is an error."""
+    import copy
+    import dataclasses
+    import difflib
+
+    base = parse(hf)
+    names = [f.name for f in dataclasses.fields(base) if f.name not in ("family", "hf_config")]
+    for key in overrides:
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=1)
+            raise ValueError(f"model.arch_overrides.{key}: not a field of the {base.family} architecture "
+                             f"({names})" + (f"; did you mean {near[0]!r}?" if near else ""))
+    arch = parse({**copy.deepcopy(hf), **copy.deepcopy(overrides)})
+    for key, value in overrides.items():
+        if getattr(arch, key) != value:
+            raise ValueError(f"model.arch_overrides.{key}={value!r}: the {base.family} family does not read "
+                             f"config.json key {key!r} into that field (it parsed {getattr(arch, key)!r})")
+    return arch
+
+
 def resolve_arch(cfg: Config, text):
     """The parsed architecture (its family's type) of the model to train, checked against the tokenizer."""
     hf = arch_config_dict(cfg, text)
-    arch = (registry.get(cfg.model.family).parse_hf_config(hf) if cfg.model.family
-            else registry.arch_from_hf_config(hf))
+    parse = registry.get(cfg.model.family).parse_hf_config if cfg.model.family else registry.arch_from_hf_config
+    arch = apply_arch_overrides(hf, cfg.model.arch_overrides, parse) if cfg.model.arch_overrides else parse(hf)
     checks = [] if not registry.spec_of(arch).has_vision else [
         ("image_token_id", arch.image_token_id, text.image_token_id),
         ("video_token_id", arch.video_token_id, text.video_token_id),

@@ -44,7 +44,7 @@ def sources(tmp_path_factory):
 def composed(sources, tmp_path_factory):
     """Default (MRoPE) composition of matching widths, through the tool's main() in-process."""
     out = str(tmp_path_factory.mktemp("valley_out") / "valley")
-    assert load_tool("compose_model")(["--vision-from", sources["qwen2_vl"], "--llm-from", sources["qwen3"],
+    assert load_tool("compose_model")(["--family", "valley", "--vision-from", sources["qwen2_vl"], "--llm-from", sources["qwen3"],
                                        "--out", out]) == 0
     return out
 
@@ -52,7 +52,7 @@ def composed(sources, tmp_path_factory):
 def test_cli_is_a_real_command(sources, tmp_path):
     """The one real command-line run (an early error: a fresh interpreter imports no model code for it)."""
     out = str(tmp_path / "out")
-    res = run_cmd(["tools/compose_model.py", "--vision-from", sources["qwen3"], "--llm-from", sources["qwen3"],
+    res = run_cmd(["tools/compose_model.py", "--family", "valley", "--vision-from", sources["qwen3"], "--llm-from", sources["qwen3"],
                    "--out", out])
     assert res.returncode == 2, res.stderr[-3000:]
     assert res.stderr.startswith("error: compose failed: --vision-from") and "expected 'qwen2_vl'" in res.stderr
@@ -129,7 +129,7 @@ def test_composed_dir_loads_and_matches_its_sources(sources, composed):
 
 def test_widths_differ_reinitialise_only_the_merger_output(sources, tmp_path):
     out = str(tmp_path / "wide")
-    rc = load_tool("compose_model")(["--vision-from", sources["qwen2_vl"], "--llm-from", sources["qwen3_wide"],
+    rc = load_tool("compose_model")(["--family", "valley", "--vision-from", sources["qwen2_vl"], "--llm-from", sources["qwen3_wide"],
                                      "--out", out, "--position-mode", "1d", "--seed", "5", "--max-shard-size", "300KB"])
     assert rc == 0
     assert len([n for n in os.listdir(out) if n.endswith(".safetensors")]) > 1  # sharded, loaded through the index
@@ -185,7 +185,7 @@ def test_bad_inputs_exit_2_and_write_nothing(sources, tmp_path, capsys, case, ma
         open(os.path.join(out, "keep.txt"), "w").write("x")
     else:
         llm = _broken_copy(llm, str(tmp_path / "broken"), case)
-    rc = load_tool("compose_model")(["--vision-from", vision, "--llm-from", llm, "--out", out])
+    rc = load_tool("compose_model")(["--family", "valley", "--vision-from", vision, "--llm-from", llm, "--out", out])
     assert rc == 2
     assert match in capsys.readouterr().err
     if case == "out_not_empty":

@@ -133,3 +133,32 @@ def test_valley_recipe_configs():
         assert all(VALLEY[k] % tp == 0 for k in ("heads", "kv_heads", "vocab", "vision_heads", "vision_ffn"))
         assert VALLEY["layers"] % pp == 0 and 8 % (tp * pp) == 0
         assert cfg.train.global_batch_size % (8 // (tp * pp)) == 0
+
+
+# Open-Qwen2VL recipe (ANCHORS.md): Qwen2.5-1.5B (28 layers, 12 / 2 heads, vocab 151936) + SigLIP-SO400M (16 heads)
+OPEN_QWEN2VL = dict(layers=28, heads=12, kv_heads=2, vocab=151936, vision_heads=16)
+
+
+def test_open_qwen2vl_recipe_configs():
+    """pretraining (144 tokens, LR 5e-5, wd 0.01) -> SFT (729 tokens, LR 2e-5, wd 0.1, batch 128), both frozen ViT
+    with projector + LLM training, 4096-token packs; SFT starts from the pretraining run; the tiny config is
+    the 144-token stage too."""
+    configs = os.path.join(ROOT, "examples", "configs")
+    one = load_config(os.path.join(configs, "open_qwen2vl_stage1_pretrain.yaml"))
+    two = load_config(os.path.join(configs, "open_qwen2vl_stage2_sft.yaml"))
+    tiny = load_config(os.path.join(configs, "tiny_open_qwen2vl.yaml"))
+    assert one.model.arch_overrides == {"projector_pool_grid": 12} == tiny.model.arch_overrides
+    assert two.model.arch_overrides == {"projector_pool_grid": 27}
+    assert (one.optimizer.lr, one.optimizer.weight_decay) == (5e-5, 0.01)
+    assert (two.optimizer.lr, two.optimizer.weight_decay, two.train.global_batch_size) == (2e-5, 0.1, 128)
+    assert os.path.normpath(two.model.init_from) == os.path.normpath(os.path.join(one.run_dir, "checkpoints"))
+    for cfg in (one, two, tiny):
+        s = cfg.stage
+        assert s.freeze_vision and not s.freeze_merger and not s.freeze_llm
+    for cfg in (one, two):
+        assert cfg.data.seq_len == 4096
+        tp, pp = cfg.parallel.tp, cfg.parallel.pp
+        assert all(OPEN_QWEN2VL[k] % tp == 0 for k in ("heads", "kv_heads", "vocab", "vision_heads"))
+        assert OPEN_QWEN2VL["layers"] % pp == 0 and 8 % (tp * pp) == 0
+        for nodes in (1, 2, 4, 8):
+            assert cfg.train.global_batch_size % (nodes * 8 // (tp * pp)) == 0

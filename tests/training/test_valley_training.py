@@ -27,7 +27,7 @@ def test_composed_model_and_tiny_valley_config_train(shapes, tmp_path):
     torch.set_num_threads(1)
     src = write_tiny_sources(str(tmp_path / "src"), seed=2)
     composed, ckpt = str(tmp_path / "composed"), str(tmp_path / "ckpt")
-    assert _compose_tool().main(["--vision-from", src["qwen2_vl"], "--llm-from", src["qwen3"], "--out", composed]) == 0
+    assert _compose_tool().main(["--family", "valley", "--vision-from", src["qwen2_vl"], "--llm-from", src["qwen3"], "--out", composed]) == 0
     import_hf(composed, ckpt, progress=False)
 
     common = ["train.max_steps=3", "train.eval_num_captions=0", "checkpoint.save_interval=100",

@@ -42,14 +42,16 @@ def cp_embed(model, input_ids, shard: CPShard, pieces, grids, emb):
     media ``shard.media_rank`` gives it; the features are all-gathered (autograd-aware) and scattered by
     ``shard.feature_slot``.
     """
-    unit = model.arch.vision.spatial_merge_size ** 2
+    from mllm_mega.models.vlm import media_token_counts
+
     pv, grid = (torch.cat(pieces), torch.cat(grids)) if pieces else (None, None)
-    rows = grid.prod(-1).tolist() if grid is not None else []
+    rows = grid.prod(-1).tolist() if grid is not None else []  # pixel rows of each medium
+    counts = media_token_counts(model.arch, grid).tolist() if grid is not None else []  # its features
     sizes = [0] * shard.cp_size
     mine, starts = [], [0]
     for i, n in enumerate(rows):
         starts.append(starts[-1] + int(n))
-        sizes[shard.media_rank[i]] += int(n) // unit
+        sizes[shard.media_rank[i]] += counts[i]
         if shard.media_rank[i] == shard.cp_rank:
             mine.append(i)
     slot = shard.feature_slot.to(emb.device)
@@ -66,10 +68,10 @@ def cp_embed(model, input_ids, shard: CPShard, pieces, grids, emb):
         local = emb.new_zeros((0, emb.shape[-1]), requires_grad=trainable)
     feats = gather_cp(local, shard, sizes)  # rows grouped by rank, in each rank's own media order
     order, offset = [], [sum(sizes[:r]) for r in range(shard.cp_size)]
-    for i, n in enumerate(rows):  # back to pack order (images, then videos)
+    for i, n in enumerate(counts):  # back to pack order (images, then videos)
         r = shard.media_rank[i]
-        order.append(torch.arange(offset[r], offset[r] + int(n) // unit))
-        offset[r] += int(n) // unit
+        order.append(torch.arange(offset[r], offset[r] + n))
+        offset[r] += n
     feats = feats[torch.cat(order).to(feats.device)]
     emb = emb.clone()
     use = slot >= 0
