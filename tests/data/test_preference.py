@@ -295,3 +295,31 @@ def test_model_shares_vit_features_across_a_pairs_segments(epoch, tok):
     assert grads[1].abs().max() > 0
     with pytest.raises(ValueError, match="context parallel"):
         model.embed(ids, context_parallel=object(), **shared)
+
+
+def test_converted_trl_pairs_load_as_pairs(dataset, tmp_path, tok):
+    """tools/prepare_dataset.py --format preference (TRL rows) writes shards the preference loader reads: the
+    converter's json schema and the loader's agree (a renamed key on either side fails here)."""
+    from mllm_mega.data.convert import prepare_dataset
+
+    jpg = next(iter_shard(list_shards(str(dataset / "train"))[0]))[0].fields["jpg"]
+    (tmp_path / "a.jpg").write_bytes(jpg)
+    rows = [{"prompt": "<image>\nWhich colour?", "chosen": "red", "rejected": "blue", "images": ["a.jpg"]},
+            {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Count?"}]}],
+             "chosen": [{"role": "assistant", "content": "two"}], "rejected": "three", "images": ["a.jpg"]}]
+    (tmp_path / "pref.json").write_text(json.dumps(rows))
+    report = prepare_dataset("preference", str(tmp_path / "pref.json"), str(tmp_path / "out"))
+    assert not report["bad"]
+    loader = build_train_loader(_cfg(dataset, data_path=str(tmp_path / "out"), epochs=1, prefetch=0),
+                                dp_rank=0, dp_size=1)
+    packs = list(loader)
+    assert sum(v for v in loader.skip_counts.values()) == 0
+    got = []
+    for pack in packs:
+        cu = pack["cu_seqlens"].tolist()
+        for c, r in pack["pair_segments"].tolist():
+            text = [tok.tokenizer.decode([t for t in pack["labels"][cu[s]:cu[s + 1]].tolist() if t != -100])
+                    for s in (c, r)]
+            got.append(tuple(t.replace(IM_END, "").strip() for t in text))
+        assert pack["num_images"] == pack["pair_segments"].shape[0]  # one image per pair, stored once
+    assert sorted(got) == [("red", "blue"), ("two", "three")]
