@@ -16,7 +16,7 @@ each file against transformers on the same weights, pair by pair from the loader
 "tool TP:PP" (max_abs_diff, num_pairs, keys_match).
 The pieces are importable for other checks (e.g. the preference loss terms on top of these log-probs):
 ``preference_pairs`` (the inputs), ``build_pair_packs`` (our packs), ``hf_pair_logps`` (the reference) and
-``ours_and_hf_pair_logps`` (both, for one layout).
+``ours_and_hf_pair_logps`` (both, for one layout); ``loss_checks`` runs the preference loss on top of them.
 """
 import json
 import sys
@@ -332,8 +332,8 @@ def loss_checks(hf_model, load, layouts: list[str], workdir: str) -> dict:
     (``perturbed_hf_model``), so rewards are not 0. Returns (rank 0) {"loss hf": {key: [policy chosen,
     policy rejected, ref chosen, ref rejected, chosen completion length]} from transformers, "loss TP:PP":
     [step metrics]}; the formulas are for the test to write out."""
-    from mllm_mega.training import checkpointing as ckpt
     from mllm_mega.models import registry
+    from mllm_mega.training import checkpointing as ckpt
 
     arch = registry.arch_from_hf_config(ckpt.read_meta(load)["hf_config"])
     pairs = preference_pairs(arch)

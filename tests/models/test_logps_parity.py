@@ -23,8 +23,9 @@ from tests.models.logps_checks import LOSS_BETA
 ATOL = 2e-5
 TOOL_LAYOUTS = ("1:1", "2:1", "1:2")
 # the loss terms: O(1) values from sums that agree to ~4e-6 times beta, over means: measured max abs diff
-# 7.2e-7 (rewards margin), every layout and both steps. A beta applied twice, chosen/rejected swapped or the
-# SFT term on the rejected tokens are off by > 1e-2.
+# 7.2e-7 (rewards margin), every layout and both steps. Measured off: beta applied twice in the DPO term 1.5e-2,
+# chosen/rejected swapped at PP2 only 7.1 (PP2 only), the SFT term on the rejected completions 9.3e-3, a BCO
+# delta never updated 3.6e-3 (step 2's quality term).
 LOSS_ATOL = 2e-6
 MPO = (0.8, 0.2, 1.0)  # InternVL2.5-MPO's weights
 
