@@ -20,6 +20,7 @@ The pieces are importable for other checks (e.g. the preference loss terms on to
 """
 import json
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -335,6 +336,7 @@ def loss_checks(hf_model, load, layouts: list[str], workdir: str) -> dict:
     from mllm_mega.models import registry
     from mllm_mega.training import checkpointing as ckpt
 
+    start = time.perf_counter()
     arch = registry.arch_from_hf_config(ckpt.read_meta(load)["hf_config"])
     pairs = preference_pairs(arch)
     box = [None]
@@ -348,7 +350,8 @@ def loss_checks(hf_model, load, layouts: list[str], workdir: str) -> dict:
         tp, pp = (int(x) for x in layout.split(":"))
         out[f"loss {layout}"] = loss_check(load, box[0]["ref"], tp=tp, pp=pp, workdir=workdir)
         if dist.get_rank() == 0:
-            print(f"[logps] loss tp={tp} pp={pp} loss={out[f'loss {layout}'][0]['loss']:.6f}", flush=True)
+            print(f"[logps] loss tp={tp} pp={pp} loss={out[f'loss {layout}'][0]['loss']:.6f} "
+                  f"({time.perf_counter() - start:.1f} s since the loss checks began)", flush=True)
     return out
 
 
