@@ -3,20 +3,24 @@
 model on the same weights.
 
   torchrun --nproc_per_node=2 tests/models/logps_checks.py OUT.json HF_DIR CKPT TP:PP [TP:PP ...]
-      [--tool CONFIG WORKDIR TP:PP [TP:PP ...]]
+      [--loss WORKDIR TP:PP [TP:PP ...]] [--tool CONFIG WORKDIR TP:PP [TP:PP ...]]
 
 Writes {"TP:PP": {"max_abs_diff": x, "num_pairs": n, "keys_match": bool}, "hf": {key: [c, r]},
 "duplicate_error": the error every rank raised when two DP ranks read the same pair} (rank 0).
+``--loss``: also the preference objective (preset mpo) through ``train_step`` at each layout, the policy the
+checkpoint, the reference a second transformers model's log-probs; writes both models' per-pair sums from
+transformers ("loss hf") and each step's metrics ("loss TP:PP") for the test's formulas (``loss_checks``).
 ``--tool``: also ``tools/precompute_ref_logps.py`` (its ``main``, in this process) on CONFIG's preference data
 at each layout, with a random model made for the data's tokenizer (an HF dir and its import under WORKDIR);
 each file against transformers on the same weights, pair by pair from the loader's packs, under
 "tool TP:PP" (max_abs_diff, num_pairs, keys_match).
 The pieces are importable for other checks (e.g. the preference loss terms on top of these log-probs):
 ``preference_pairs`` (the inputs), ``build_pair_packs`` (our packs), ``hf_pair_logps`` (the reference) and
-``ours_and_hf_pair_logps`` (both, for one layout).
+``ours_and_hf_pair_logps`` (both, for one layout); ``loss_checks`` runs the preference loss on top of them.
 """
 import json
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -264,6 +268,91 @@ def tool_checks(config: str, workdir: str, layouts: list[str]) -> dict:
             print(f"[logps] tool tp={tp} pp={pp} pairs={len(mapping)} max_abs_diff={diff:.3e}", flush=True)
     return out
 
+# ---- the preference objective's loss terms on top of these log-probs ------------------------------------
+LOSS_BETA = 0.5  # not 1: a beta applied twice or not at all must show
+
+
+def perturbed_hf_model(hf_model, seed: int = 1, scale: float = 2.0):
+    """A second transformers model: every parameter of ``hf_model`` plus scale * its std * N(0, 1), seeded."""
+    import copy
+
+    other = copy.deepcopy(hf_model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(other.named_parameters()):
+            p.add_(torch.randn(p.shape, generator=g) * scale * (float(p.std()) if p.numel() > 1 else 1.0))
+    return other
+
+
+def loss_check(load, ref_table: dict, *, tp: int, pp: int, workdir: str, steps: int = 2) -> list[dict]:
+    """Collective: the policy = checkpoint ``load`` at TP x PP through the real ``train_step`` with
+    ``PreferenceObjective`` (preset mpo, reference = ``ref_table``, precomputed) on the pairs of
+    ``preference_pairs``, each DP rank one micro-batch of its packs. ``steps`` steps at lr 1e-12 (the weights
+    do not move at fp32 resolution), so step 2 sees the same log-probs with the BCO delta of step 1.
+    Returns each step's metrics. Loss weights: 1/sqrt(completion length) on every completion token."""
+    from megatron.core import parallel_state as ps
+
+    from mllm_mega.config import load_config
+    from mllm_mega.objectives.config import OBJECTIVE_PRESETS
+    from mllm_mega.objectives.preference import PreferenceObjective
+    from mllm_mega.objectives.ref_logps import load_reference_model
+    from mllm_mega.training import setup
+    from mllm_mega.training.step import train_step
+
+    model, arch = load_reference_model(load, tp=tp, pp=pp)
+    model.train()
+    packs = build_pair_packs(arch, preference_pairs(arch), pad_to_multiple=tp)
+    for pack in packs:
+        as_training_pack(pack, arch)
+    cfg = load_config(None, [f"run_dir={workdir}", "optimizer.lr=1e-12", "optimizer.clip_grad=0"])
+    ddp = setup.wrap_ddp(model, cfg)
+    optimizer, _ = setup.build_optimizer(ddp, cfg, torch.float32)
+    objective = PreferenceObjective(beta=LOSS_BETA, weights=OBJECTIVE_PRESETS["mpo"], ref_table=ref_table)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    micro = [objective.collate(packs[dp_rank::dp])]
+    return [train_step(ddp, optimizer, micro, kernels="torch", dp_group=ps.get_data_parallel_group(),
+                       objective=objective) for _ in range(steps)]
+
+
+def as_training_pack(pack: dict, arch) -> None:
+    """What the training loader adds: max_seqlen, and loss_weights as square reweighting gives them
+    (1/sqrt(n) on each of a completion's n label tokens)."""
+    cu, on = pack["cu_seqlens"].tolist(), (pack["labels"] != IGNORE).float()
+    pack["max_seqlen"] = max(b - a for a, b in zip(cu, cu[1:]))
+    if "image_grid_thw" in pack:  # every placeholder its own feature row, in order (what packs without it mean)
+        pack["image_feature_index"] = torch.arange(int((pack["input_ids"] == arch.image_token_id).sum()))
+    weights = torch.zeros_like(on)
+    for a, b in zip(cu, cu[1:]):
+        n = float(on[a:b].sum())
+        weights[a:b] = on[a:b] * (n ** -0.5 if n else 0.0)
+    pack["loss_weights"] = weights
+
+
+def loss_checks(hf_model, load, layouts: list[str], workdir: str) -> dict:
+    """Collective: ``loss_check`` at each layout against a reference table made by a second transformers model
+    (``perturbed_hf_model``), so rewards are not 0. Returns (rank 0) {"loss hf": {key: [policy chosen,
+    policy rejected, ref chosen, ref rejected, chosen completion length]} from transformers, "loss TP:PP":
+    [step metrics]}; the formulas are for the test to write out."""
+    from mllm_mega.models import registry
+    from mllm_mega.training import checkpointing as ckpt
+
+    start = time.perf_counter()
+    arch = registry.arch_from_hf_config(ckpt.read_meta(load)["hf_config"])
+    pairs = preference_pairs(arch)
+    box = [None]
+    if dist.get_rank() == 0:
+        policy, ref = hf_pair_logps(hf_model, arch, pairs), hf_pair_logps(perturbed_hf_model(hf_model), arch, pairs)
+        box[0] = {"policy": policy, "ref": ref}
+    dist.broadcast_object_list(box, src=0)
+    out = {"loss hf": {p["key"]: [*box[0]["policy"][p["key"]], *box[0]["ref"][p["key"]], len(p["chosen"])]
+                       for p in pairs}}
+    for layout in layouts:
+        tp, pp = (int(x) for x in layout.split(":"))
+        out[f"loss {layout}"] = loss_check(load, box[0]["ref"], tp=tp, pp=pp, workdir=workdir)
+        if dist.get_rank() == 0:
+            print(f"[logps] loss tp={tp} pp={pp} loss={out[f'loss {layout}'][0]['loss']:.6f} "
+                  f"({time.perf_counter() - start:.1f} s since the loss checks began)", flush=True)
+    return out
 
 
 if __name__ == "__main__":
@@ -272,6 +361,11 @@ if __name__ == "__main__":
     from mllm_mega.checkpoint.convert import load_hf_model
 
     argv = sys.argv[1:]
+    loss_args = []
+    if "--loss" in argv:  # --loss WORKDIR TP:PP [TP:PP ...], up to the next --option
+        i = argv.index("--loss")
+        j = next((k for k in range(i + 1, len(argv)) if argv[k].startswith("--")), len(argv))
+        loss_args, argv = argv[i + 1:j], argv[:i] + argv[j:]
     tool_args = argv[argv.index("--tool") + 1:] if "--tool" in argv else []
     argv = argv[:argv.index("--tool")] if "--tool" in argv else argv
     out_path, hf_dir, load, layouts = argv[0], argv[1], argv[2], argv[3:]
@@ -286,6 +380,8 @@ if __name__ == "__main__":
             result["hf"] = {k: list(v) for k, v in ref.items()}
             print(f"[logps] tp={tp} pp={pp} pairs={len(ours)} max_abs_diff={diff:.3e}", flush=True)
     result["duplicate_error"] = duplicate_key_check(load)
+    if loss_args:
+        result.update(loss_checks(hf_model, load, loss_args[1:], loss_args[0]))
     if tool_args:
         dist.destroy_process_group = lambda *a, **k: None  # the tool's main ends the world; keep it
         result.update(tool_checks(tool_args[0], tool_args[1], tool_args[2:]))
