@@ -26,8 +26,10 @@ export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}  # megatron-core's and torch's d
 "$PY" - "$RUN_DIR" <<'PYEOF'
 import json, sys
 rows = [json.loads(line) for line in open(f"{sys.argv[1]}/metrics.jsonl")]
-acc = [r["rewards_accuracy"] for r in rows]
-curve = " ".join(f"{rows[i]['iteration']}-{rows[min(i + 9, len(rows) - 1)]['iteration']}: "
-                 f"{sum(acc[i:i + 10]) / len(acc[i:i + 10]):.2f}" for i in range(0, len(rows), 10))
+bins = {}  # steps 2-10, 11-20, ...: step 1 is all ties (policy = reference), counted as wrong
+for r in rows[1:]:
+    bins.setdefault((r["iteration"] - 1) // 10, []).append(r)
+curve = " ".join(f"{b[0]['iteration']}-{b[-1]['iteration']}: {sum(r['rewards_accuracy'] for r in b) / len(b):.2f}"
+                 for b in bins.values())
 print(f"reward accuracy on unseen pairs (mean per 10 steps) {curve}; metrics in {sys.argv[1]}/metrics.jsonl")
 PYEOF

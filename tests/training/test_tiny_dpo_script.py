@@ -26,7 +26,7 @@ def test_train_tiny_dpo_script_shortened(tmp_path):
     out = res.stdout
     assert out.count("generating the synthetic dataset") == 2
     assert f"initial weights from {tmp_path / 'sft' / 'checkpoints'}" in out
-    assert "reward accuracy on unseen pairs (mean per 10 steps) 1-3: " in out
+    assert "reward accuracy on unseen pairs (mean per 10 steps) 2-3: " in out
     cfg = yaml.safe_load(open(tmp_path / "pref" / "config.yaml"))
     assert cfg["data"]["epochs"] == 1 and cfg["data"]["tokenizer_dir"] == str(tmp_path / "sft_data" / "tokenizer")
     assert cfg["objective"]["preset"] == "mpo" and cfg["synthetic"]["seed"] == 1
