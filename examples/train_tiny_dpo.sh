@@ -8,7 +8,7 @@
 #      before the update, is on pairs the model has never seen. It uses stage 1's tokenizer.
 #
 # Measured as written (2-core VM shared with other jobs, load 5-9, 2026-12-02): 4m21s wall including both data
-# generations; SFT 100 steps loss 5.9 -> 1.2; MPO (beta 0.5, lr 2e-3 constant) 80 steps over 1871 distinct
+# generations; SFT 100 steps loss 6.1 -> 1.2; MPO (beta 0.5, lr 2e-3 constant) 80 steps over 1871 distinct
 # pairs (~23 a step). Reward accuracy on unseen pairs, mean per 10 steps: 2-10 0.41, 11-20 0.47, 21-30 0.47,
 # 31-40 0.56, 41-50 0.47, 51-60 0.52, 61-70 0.62, 71-80 0.52: at best slightly above chance, NOT yet "well above".
 # Also measured: DPO (beta 0.1, lr 1e-3 cosine, 60 steps) from the same SFT: 0.40 -> 0.50-0.55; MPO as above
