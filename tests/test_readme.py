@@ -105,6 +105,9 @@ COVERED = {
     "python tools/check_dataset.py --data data/synth_pref/train --preference": (
         "tests/data/test_preference.py", ['from tools.check_dataset import main', '"--data"', '"--preference"'],
         "through the CLI's main() on its own pairs (with bad ones) and --seq-len 256"),
+    "bash examples/train_tiny_dpo.sh": (
+        "tests/training/test_tiny_dpo_script.py", ['"examples/train_tiny_dpo.sh"'],
+        "both stages shortened (2 SFT + 3 MPO steps on 40 pairs each); the full run takes minutes"),
     "python -m mllm_mega.train --config examples/configs/tiny_dpo.yaml": (
         "tests/objectives/test_preference_training.py", ['"objective": {"name": "preference"'],
         "the same objective on its own 24 synthetic pairs for 3 steps; the config's full run takes minutes"),
