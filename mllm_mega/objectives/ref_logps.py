@@ -70,17 +70,9 @@ def write_ref_logps(path: str, mapping: dict, meta: dict) -> None:
         logps[key] = [chosen, rejected]
     doc = {"format": FORMAT, "version": VERSION, "meta": {**meta, "num_pairs": len(logps)}, "logps": logps}
     text = json.dumps(doc, indent=None, separators=(",", ":"), allow_nan=False)  # json writes float repr
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):  # nothing half-written is left behind
-            os.remove(tmp)
-        raise
+    from mllm_mega.training.checkpointing import atomic_write_text
+
+    atomic_write_text(path, text)  # temporary name, renamed when complete: nothing half-written is left behind
 
 
 def read_ref_logps(path: str) -> tuple[dict, dict]:
