@@ -30,22 +30,8 @@ from mllm_mega.checkpoint.io import (
 )
 from mllm_mega.models import registry
 from mllm_mega.models.layout import ParallelLayout
+from mllm_mega.checkpoint.hf_io import parse_size  # noqa: F401 (part of this module's API)
 from mllm_mega.training import checkpointing as ckpt
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """'5GB' -> 5e9 bytes (KB/MB/GB are powers of 10, KiB/MiB/GiB powers of 2, as in transformers)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(text).upper())
-    if not m or m.group(2) == "IB":
-        raise ValueError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB, 2MiB or a byte count")
-    size = int(float(m.group(1)) * _UNITS[m.group(2) or ""])
-    if size <= 0:
-        raise ValueError(f"--max-shard-size {text!r} must be positive")
-    return size
-
 
 def _export_config(hf_config: dict, dtype: torch.dtype) -> dict:
     """The HF config with its dtype fields set to the export dtype."""

@@ -3,11 +3,47 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from contextlib import ExitStack
 
 import torch
 
 from mllm_mega.models import registry
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9 bytes (KB/MB/GB are powers of 10, KiB/MiB/GiB powers of 2, as in transformers)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(text).upper())
+    if not m or m.group(2) == "IB":
+        raise ValueError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB, 2MiB or a byte count")
+    size = int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+    if size <= 0:
+        raise ValueError(f"--max-shard-size {text!r} must be positive")
+    return size
+
+
+def read_donor_config(path: str, flag: str, model_types, what: str) -> dict:
+    """config.json of a donor directory given as ``flag`` (compose tools), checked to be one of
+    ``model_types`` (a name or a tuple of names); errors name the flag, the path and what was expected."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{flag} {path!r} is not a directory")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{flag} {path!r} has no config.json (not a HF model directory)")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{flag} {cfg_path}: not valid JSON ({e})") from None
+    expected = (repr(model_types) if isinstance(model_types, str)
+                else f"one of {list(model_types)}")
+    if cfg.get("model_type") not in ((model_types,) if isinstance(model_types, str) else tuple(model_types)):
+        raise ValueError(f"{flag} {path!r} is model_type {cfg.get('model_type')!r}, expected {expected} ({what})")
+    return cfg
 
 
 class HFCheckpointReader:

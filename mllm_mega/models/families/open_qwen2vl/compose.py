@@ -47,15 +47,15 @@ FileNotFoundError / FileExistsError / ValueError naming the path or tensor and l
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 import shutil
 import tempfile
 
 import torch
 from tqdm import tqdm
+
+from mllm_mega.checkpoint.hf_io import parse_size, read_donor_config
 
 IMAGE_TOKEN = "<image>"  # LLaVA's placeholder, added when the tokenizer has no Qwen2-VL one
 QWEN_VISION_TOKENS = {"image_token_index": "<|image_pad|>", "video_token_id": "<|video_pad|>",
@@ -64,35 +64,6 @@ VISION_TYPES = ("siglip_vision_model", "siglip")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "chat_template.jinja")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text) -> int:
-    """'5GB' -> 5e9 bytes (KB/MB/GB powers of 10, KiB/MiB/GiB powers of 2, as transformers' max_shard_size)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(text).upper())
-    if not m or m.group(2) == "IB" or float(m.group(1)) <= 0:
-        raise ValueError(f"--max-shard-size {text!r}: expected a positive size such as 5GB, 500MB or 2MiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
-
-
-def _read_config(path: str, flag: str, model_types: tuple, what: str) -> dict:
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{flag} {path!r} is not a directory")
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{flag} {path!r} has no config.json (not a HF model directory)")
-    try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{flag} {cfg_path}: not valid JSON ({e})") from None
-    if cfg.get("model_type") not in model_types:
-        raise ValueError(f"{flag} {path!r} is model_type {cfg.get('model_type')!r}, expected one of "
-                         f"{list(model_types)} ({what})")
-    return cfg
 
 
 def _load(cls, path: str, flag: str, allow_unexpected=lambda key: False):
@@ -168,9 +139,9 @@ def compose_model(vision_from: str, llm_from: str, out: str, *, seed: int = 0, d
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     shard_bytes = parse_size(max_shard_size)
-    vis_cfg = _read_config(vision_from, "--vision-from", VISION_TYPES,
+    vis_cfg = read_donor_config(vision_from, "--vision-from", VISION_TYPES,
                            "a SigLIP directory: SiglipVisionModel or SiglipModel")
-    _read_config(llm_from, "--llm-from", ("qwen2",), "a Qwen2 / Qwen2.5 directory (Qwen2ForCausalLM)")
+    read_donor_config(llm_from, "--llm-from", ("qwen2",), "a Qwen2 / Qwen2.5 directory (Qwen2ForCausalLM)")
     if vis_cfg["model_type"] == "siglip" and not isinstance(vis_cfg.get("vision_config"), dict):
         raise ValueError(f"--vision-from {vision_from!r}: a SiglipModel config.json without a 'vision_config'")
     if not os.path.isfile(os.path.join(llm_from, "tokenizer.json")) and \

@@ -36,13 +36,14 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import shutil
 import tempfile
 from contextlib import ExitStack
 
 import torch
 from tqdm import tqdm
+
+from mllm_mega.checkpoint.hf_io import parse_size, read_donor_config
 
 HF_CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf")
 CODE_FILES = ("configuration_valley.py", "modeling_valley.py")
@@ -58,35 +59,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
 MERGER_OUT = ("visual.merger.mlp.2.weight", "visual.merger.mlp.2.bias")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """'5GB' -> 5e9 bytes (KB/MB/GB powers of 10, KiB/MiB/GiB powers of 2, as transformers' max_shard_size)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(text).upper())
-    if not m or m.group(2) == "IB" or float(m.group(1)) <= 0:
-        raise ValueError(f"--max-shard-size {text!r}: expected a positive size such as 5GB, 500MB or 2MiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
-
-
-def _read_config(path: str, flag: str, model_type: str, what: str) -> dict:
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{flag} {path!r} is not a directory")
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{flag} {path!r} has no config.json (not a HF model directory)")
-    try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{flag} {cfg_path}: not valid JSON ({e})") from None
-    if cfg.get("model_type") != model_type:
-        raise ValueError(f"{flag} {path!r} is model_type {cfg.get('model_type')!r}, expected {model_type!r} "
-                         f"({what})")
-    return cfg
 
 
 class _Weights:
@@ -253,9 +225,9 @@ def compose_model(vision_from: str, llm_from: str, out: str, *, position_mode: s
         raise FileExistsError(f"--out {out!r} exists and is not an empty directory")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
-    vision_cfg = _read_config(vision_from, "--vision-from", "qwen2_vl", "a Qwen2-VL directory "
+    vision_cfg = read_donor_config(vision_from, "--vision-from", "qwen2_vl", "a Qwen2-VL directory "
                               "(Qwen2VLForConditionalGeneration)")
-    llm_cfg = _read_config(llm_from, "--llm-from", "qwen3", "a Qwen3 directory (Qwen3ForCausalLM)")
+    llm_cfg = read_donor_config(llm_from, "--llm-from", "qwen3", "a Qwen3 directory (Qwen3ForCausalLM)")
     if not isinstance(vision_cfg.get("vision_config"), dict):
         raise ValueError(f"--vision-from {vision_from!r}: config.json has no 'vision_config' object")
     token_ids = _token_ids(llm_from, int(llm_cfg.get("vocab_size", 0)))
