@@ -282,6 +282,16 @@ class SyntheticConfig:
     image_size: list[int] = field(default_factory=lambda: [56, 112])
     multi_image_frac: float = 0.1
     caption_frac: float = 0.5
+    pair_attributes: list[str] = field(default_factory=lambda: ["colour", "count", "kind", "region"])
+    """With data.preference: the attributes a rejected caption may change (colour, count, kind, region)."""
+
+    def __post_init__(self):
+        from mllm_mega.data.synthetic import check_pair_attributes
+
+        try:
+            check_pair_attributes(self.pair_attributes)
+        except ValueError as e:
+            raise ValueError(f"synthetic.pair_attributes: {e}") from None
 
 
 @dataclass

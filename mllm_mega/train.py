@@ -49,7 +49,8 @@ def ensure_synthetic_dataset(cfg) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         make_dataset(tmp, s.num, s.seed, num_eval=s.num_eval, size_range=tuple(s.image_size),
                      multi_image_frac=s.multi_image_frac, caption_frac=s.caption_frac, progress=True,
-                     preference=cfg.data.preference)  # preference pairs for objective.name=preference
+                     preference=cfg.data.preference,  # preference pairs for objective.name=preference
+                     pair_attributes=s.pair_attributes)
         with open(os.path.join(tmp, "data.yaml"), "w") as f:  # point it at the final location
             d = os.path.abspath(s.dir)
             f.write(f"data_path: {d}/train\neval_data_path: {d}/eval\ntokenizer_dir: {d}/tokenizer\n"

@@ -7,7 +7,8 @@ place, so a tiny model can learn the mapping. Some samples hold two images (whic
 on request, short videos of one moving shape given as a sequence of JPEG frames. With ``preference`` the
 training samples are preference pairs instead (data/preference.py): "Describe the image." with the true
 caption as chosen and, as rejected, the caption with one attribute (colour, count, shape or position)
-changed, so only a model that looks at the image can tell them apart. Samples are WebDataset
+changed (``pair_attributes`` limits which: colour alone is what a tiny model learns to see first), so only a
+model that looks at the image can tell them apart. Samples are WebDataset
 shards; a byte-level BPE tokenizer with Qwen2-VL's special tokens and a ChatML chat template is trained on
 the dataset's text and saved as a Hugging Face tokenizer directory.
 
@@ -143,9 +144,20 @@ def _questions(scene: Scene) -> list[tuple[str, str]]:
 ATTRIBUTES = ("colour", "count", "kind", "region")  # what a rejected caption changes
 
 
-def changed_scene(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
-    """``scene`` with one attribute (colour, count, kind or region) set to another value, and its name."""
-    attribute = ATTRIBUTES[rng.integers(len(ATTRIBUTES))]
+def check_pair_attributes(attributes) -> tuple[str, ...]:
+    """``attributes`` as a tuple, each one of ATTRIBUTES (ValueError naming the bad one otherwise)."""
+    attributes = tuple(attributes)
+    bad = [a for a in attributes if a not in ATTRIBUTES]
+    if bad or not attributes:
+        raise ValueError(f"pair attributes must be a non-empty subset of {', '.join(ATTRIBUTES)}; got "
+                         f"{', '.join(map(repr, bad)) if bad else 'none'}")
+    return attributes
+
+
+def changed_scene(scene: Scene, rng: np.random.Generator,
+                  attributes: tuple[str, ...] = ATTRIBUTES) -> tuple[Scene, str]:
+    """``scene`` with one of ``attributes`` (colour, count, kind or region) set to another value, and its name."""
+    attribute = attributes[rng.integers(len(attributes))]
     values = {"colour": list(COLOURS), "count": [1, 2, 3, 4], "kind": list(KINDS),
               "region": list(REGIONS)}[attribute]
     others = [v for v in values if v != getattr(scene, attribute)]
@@ -153,9 +165,11 @@ def changed_scene(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
 
 
 def make_sample(index: int, seed: int, *, size_range=(56, 112), multi_image_frac=0.1, video_frac=0.0,
-                caption_frac=0.5, split: str = "train", preference: bool = False) -> tuple[str, dict[str, bytes]]:
+                caption_frac=0.5, split: str = "train", preference: bool = False,
+                pair_attributes: tuple[str, ...] = ATTRIBUTES) -> tuple[str, dict[str, bytes]]:
     """The ``index``-th sample of the dataset for ``seed`` as (key, {field: bytes}); with ``preference`` the
-    training samples are preference pairs (the held-out split stays captions)."""
+    training samples are preference pairs whose rejected caption changes one of ``pair_attributes`` (the
+    held-out split stays captions)."""
     rng = np.random.default_rng([seed, 0 if split == "train" else 1, index])
     key = f"{split}{index:08d}"
     if split != "train":
@@ -165,7 +179,7 @@ def make_sample(index: int, seed: int, *, size_range=(56, 112), multi_image_frac
     if preference:
         scene = random_scene(rng)
         img = render_scene(scene, *_image_size(rng, size_range), rng)
-        wrong, attribute = changed_scene(scene, rng)
+        wrong, attribute = changed_scene(scene, rng, pair_attributes)
         pair = {"messages": [{"role": "user", "content": "<image>\nDescribe the image."}],
                 "chosen": scene.caption(), "rejected": wrong.caption(), "changed": attribute}
         return key, {"jpg": encode_jpeg(img), "json": json.dumps(pair).encode()}
@@ -293,11 +307,13 @@ def _write_text_atomic(path: str, text: str):
 def make_dataset(out: str, num: int, seed: int = 0, *, num_eval: int = 64, size_range=(56, 112),
                  samples_per_shard: int = 1000, multi_image_frac: float = 0.1, video_frac: float = 0.0,
                  caption_frac: float = 0.5, vocab_size: int = 1024, progress: bool = False,
-                 preference: bool = False) -> dict:
+                 preference: bool = False, pair_attributes=ATTRIBUTES) -> dict:
     """Write train/ and eval/ shards, tokenizer/, meta.json and data.yaml under ``out``; returns the meta.
-    ``preference``: the training split holds preference pairs and data.yaml sets ``preference: true``."""
+    ``preference``: the training split holds preference pairs (the rejected caption changes one of
+    ``pair_attributes``) and data.yaml sets ``preference: true``."""
     from tqdm import tqdm
 
+    pair_attributes = check_pair_attributes(pair_attributes)
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     texts: list[str] = []
@@ -306,7 +322,8 @@ def make_dataset(out: str, num: int, seed: int = 0, *, num_eval: int = 64, size_
         train = _write_split(
             os.path.join(out, "train"), num, samples_per_shard,
             lambda i: make_sample(i, seed, size_range=size_range, multi_image_frac=multi_image_frac,
-                                  video_frac=video_frac, caption_frac=caption_frac, preference=preference),
+                                  video_frac=video_frac, caption_frac=caption_frac, preference=preference,
+                                  pair_attributes=pair_attributes),
             texts, bar)
         evals = _write_split(os.path.join(out, "eval"), num_eval, samples_per_shard,
                              lambda i: make_sample(i, seed, size_range=size_range, split="eval"), [], bar)
@@ -317,7 +334,7 @@ def make_dataset(out: str, num: int, seed: int = 0, *, num_eval: int = 64, size_
     vocab = len(AutoTokenizer.from_pretrained(os.path.join(out, "tokenizer")))
     meta = {"num_train": num, "num_eval": num_eval, "seed": seed, "image_size": list(size_range),
             "train_shards": train, "eval_shards": evals, "vocab_size": vocab, "special_tokens": special,
-            "preference": preference}
+            "preference": preference, **({"pair_attributes": list(pair_attributes)} if preference else {})}
     _write_text_atomic(os.path.join(out, "meta.json"), json.dumps(meta, indent=2) + "\n")
     _write_text_atomic(os.path.join(out, "data.yaml"),
                        f"data_path: {os.path.join(out, 'train')}\n"

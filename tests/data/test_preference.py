@@ -163,16 +163,37 @@ def test_packs_of_pairs(epoch, raw_pairs, tok):
         assert (labels[cu[2 * len(pairs)]:] == -100).all() and w[cu[2 * len(pairs)]:].sum() == 0  # padding
 
 
+def _changed_attributes(pair):
+    def attributes(caption):  # "two red circles on the left" -> count, colour, kind, region
+        words = caption.split()
+        return {"count": words[0], "colour": words[1], "kind": words[2].rstrip("s"), "region": words[3:]}
+
+    a, b = attributes(pair["chosen"]), attributes(pair["rejected"])
+    return [k for k in a if a[k] != b[k]]
+
+
 def test_synthetic_pairs_change_one_attribute(raw_pairs):
     pairs = [m for k, m in raw_pairs.items() if k.startswith("train")]
     assert {m["changed"] for m in pairs} == {"colour", "count", "kind", "region"}
     for m in pairs:
-        def attributes(caption):  # "two red circles on the left" -> count, colour, kind, region
-            words = caption.split()
-            return {"count": words[0], "colour": words[1], "kind": words[2].rstrip("s"), "region": words[3:]}
+        assert _changed_attributes(m) == [m["changed"]], (m["chosen"], m["rejected"])
 
-        a, b = attributes(m["chosen"]), attributes(m["rejected"])
-        assert [k for k in a if a[k] != b[k]] == [m["changed"]], (m["chosen"], m["rejected"])
+
+def test_synthetic_pairs_limited_to_chosen_attributes(tmp_path):
+    from tools.make_synthetic_dataset import main
+
+    out = tmp_path / "colour"
+    main(["--out", str(out), "--num", "24", "--num-eval", "0", "--preference", "--pair-attributes", "colour"])
+    pairs = [json.loads(raw.fields["json"]) for shard in list_shards(str(out / "train")) for raw, _ in iter_shard(shard)]
+    assert len(pairs) == 24 and all(_changed_attributes(m) == ["colour"] == [m["changed"]] for m in pairs)
+    assert json.loads((out / "meta.json").read_text())["pair_attributes"] == ["colour"]
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "bad"), "--num", "2", "--preference", "--pair-attributes", "colour,color"])
+    assert not (tmp_path / "bad").exists()
+    from mllm_mega.config import load_config
+
+    with pytest.raises(ValueError, match=r"synthetic.pair_attributes: .*'size'"):
+        load_config(None, ["synthetic.pair_attributes=[colour,size]"])
 
 
 @pytest.mark.parametrize("prefetch", [0, 2])
