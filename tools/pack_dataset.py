@@ -2,10 +2,15 @@
 """Pack a WebDataset shard set offline: token counts without decoding, FFD packing, packed shards + index.
 
     python tools/pack_dataset.py --data IN --out OUT --seq-len 4096 [--max-images-per-pack K]
+        [--preference] [--model HF_DIR]
 
 Each sample's token count comes from its text (tokenized with the chat template) and its images' header
 sizes (-> NaViT smart_resize -> t*h*w/4 tokens), as in training; no image is decoded. All samples are
-packed at once with the C++ First-Fit-Decreasing packer. Output in OUT:
+packed at once with the C++ First-Fit-Decreasing packer. --preference (or ``preference: true`` in --config):
+the samples are preference pairs, each one packing unit of its chosen and rejected segments with its media
+once, as training packs them. --model HF_DIR: count image tokens as that model's family does (e.g. an
+Open-Qwen2VL directory: fixed resolution, k*k tokens per image; default: Qwen2-VL's dynamic resolution).
+Output in OUT:
   packed-NNNNNN.tar  the samples, pack after pack; sample j of pack i is stored under the key
                      ``p{i:08d}_{j:03d}`` with its original fields plus ``key`` (the original key)
   index.json         per pack its shard and member samples (original keys, tokens, images); unpackable keys
@@ -28,19 +33,25 @@ from tqdm import tqdm
 
 from mllm_mega.data.config import tool_config
 from mllm_mega.data.packing import pack_ffd
-from mllm_mega.data.samples import parse_sample
+from mllm_mega.data.fixed_resolution import image_scheme
+from mllm_mega.data.preference import sample_functions
 from mllm_mega.data.shards import ShardEvent, iter_shard, list_shards, read_sample_at, write_shard
 from mllm_mega.data.text import TextProcessor
 from mllm_mega.data.vision import BadSample
+from mllm_mega.models.registry import loader_options_of
 
 NO_LIMIT = 2**31 - 1  # parse without the length/image caps: over-cap samples are reported as unpackable
 
 
-def measure(cfg, progress: bool):
-    """Restore keys, original keys, token counts and image counts of every valid sample; skip counts."""
+def measure(cfg, progress: bool, image_options: dict | None = None):
+    """Restore keys, original keys, token counts and image counts of every valid sample (or pair); skip
+    counts. ``image_options``: a family's loader options (the image scheme), default Qwen2-VL's."""
     parse_cfg = cfg.__class__.from_dict({**cfg.to_dict(), "seq_len": NO_LIMIT, "max_images_per_pack": None,
                                          "truncate": False})
     text = TextProcessor(cfg.tokenizer_dir)
+    parse, _ = sample_functions(cfg)
+    options = {k: v for k, v in (image_options or {}).items() if k != "tokens_per_second"}
+    scheme = image_scheme(**options)
     restore, keys, lengths, images, skipped = [], [], [], [], {}
     bar = tqdm(desc="measuring", unit="sample", disable=not (progress and sys.stderr.isatty()))
     for shard in list_shards(cfg.data_path):
@@ -48,7 +59,7 @@ def measure(cfg, progress: bool):
         for raw, _ in iter_shard(shard, events=events):
             bar.update(1)
             try:
-                spec = parse_sample(raw, text, parse_cfg)
+                spec = parse(raw, text, parse_cfg, image_scheme=scheme)
             except BadSample as exc:
                 skipped[exc.reason] = skipped.get(exc.reason, 0) + 1
                 continue
@@ -103,12 +114,17 @@ def main(argv=None):
     parser.add_argument("--packs-per-shard", type=int, default=1000)
     parser.add_argument("--config", help="YAML of DataConfig keys (pixels limits, tokenizer_dir, ...)")
     parser.add_argument("--tokenizer", help="tokenizer directory")
+    parser.add_argument("--preference", action="store_true", default=None,
+                        help="the samples are preference pairs (prompt, chosen, rejected): one packing unit each")
+    parser.add_argument("--model", help="HF model directory: count image tokens as its family does")
     args = parser.parse_args(argv)
     if args.packs_per_shard < 1:
         parser.error("--packs-per-shard must be >= 1")
     try:
         cfg = tool_config(args.data, args.config, args.tokenizer, seq_len=args.seq_len,
-                          max_images_per_pack=args.max_images_per_pack, max_samples_per_pack=args.max_samples_per_pack)
+                          max_images_per_pack=args.max_images_per_pack, max_samples_per_pack=args.max_samples_per_pack,
+                          preference=args.preference)
+        image_options = loader_options_of(args.model) if args.model else None
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
 
@@ -118,7 +134,7 @@ def main(argv=None):
         if os.path.exists(os.path.join(out, name)):
             os.unlink(os.path.join(out, name))
     t0 = time.perf_counter()
-    restore, keys, lengths, images, skipped = measure(cfg, progress=True)
+    restore, keys, lengths, images, skipped = measure(cfg, progress=True, image_options=image_options)
     t1 = time.perf_counter()
     bins, unpackable = pack_ffd(lengths, cfg.seq_len, images=images if cfg.max_images_per_pack else None,
                                 max_images=cfg.max_images_per_pack, max_items=cfg.max_samples_per_pack,
@@ -145,6 +161,8 @@ def main(argv=None):
                             "max": max(per_pack_images, default=0)},
         "seq_len": cfg.seq_len,
         "max_images_per_pack": cfg.max_images_per_pack,
+        "preference": cfg.preference,
+        "image_processing": "fixed" if (image_options or {}).get("image_processing") == "fixed" else "dynamic",
         "seconds": {"measure": round(t1 - t0, 3), "pack": round(t2 - t1, 4), "write": round(t3 - t2, 3)},
         "shards": len(shards),
     }

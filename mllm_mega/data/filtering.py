@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from mllm_mega.data.preference import completion_text
 from mllm_mega.data.samples import image_fields
 from mllm_mega.data.shards import RawSample, iter_shard, list_shards, write_shard
 from mllm_mega.data.text import conversation_messages
@@ -80,7 +81,8 @@ class FilterConfig:
 
 # --- rules ---------------------------------------------------------------------------------------------
 def sample_text(fields: dict[str, bytes]) -> str | None:
-    """The text a filter judges: the txt caption, else the assistant turns of the json conversation."""
+    """The text a filter judges: the txt caption, else for a preference pair (json with ``chosen`` and
+    ``rejected``) its chosen completion, else the assistant turns of the json conversation."""
     if "txt" in fields:
         try:
             return fields["txt"].decode("utf-8").strip()
@@ -88,7 +90,10 @@ def sample_text(fields: dict[str, bytes]) -> str | None:
             return None
     if "json" in fields:
         try:
-            messages = conversation_messages(json.loads(fields["json"]))
+            meta = json.loads(fields["json"])
+            if isinstance(meta, dict) and "chosen" in meta and "rejected" in meta:
+                return completion_text(meta, "chosen").strip()
+            messages = conversation_messages(meta)
         except (ValueError, BadSample):
             return None
         return "\n".join(m["content"] for m in messages if m["role"] == "assistant").strip()

@@ -60,7 +60,9 @@ class PairSpec(SampleSpec):
                                 self.token_types[s], self.media) for s in (slice(0, n), slice(n, None)))
 
 
-def _completion(meta: dict, name: str) -> str:
+def completion_text(meta: dict, name: str) -> str:
+    """The ``chosen`` / ``rejected`` completion of a pair's json: a string or one assistant message (BadSample
+    pair_missing / pair_empty otherwise)."""
     value = meta.get(name)
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
             and value[0].get("role", value[0].get("from")) in ("assistant", "gpt"):
@@ -84,7 +86,7 @@ def parse_preference_sample(raw: RawSample, text: TextProcessor, cfg: DataConfig
         raise BadSample("json_malformed", f"json does not parse: {exc}") from None
     if not isinstance(meta, dict):
         raise BadSample("json_malformed", "sample json is not an object")
-    chosen, rejected = _completion(meta, "chosen"), _completion(meta, "rejected")
+    chosen, rejected = completion_text(meta, "chosen"), completion_text(meta, "rejected")
     if chosen.strip() == rejected.strip():
         raise BadSample("pair_identical", "chosen and rejected are the same completion")
     key = "conversations" if "conversations" in meta else "messages"
@@ -135,7 +137,8 @@ def collate_preference_pack(samples: list[ProcessedSample], seq_len: int, **kwar
         chosen, rejected = s.spec.segments()
         # the rejected segment's media come from the chosen one's: no patches of its own
         segments += [ProcessedSample(chosen, s.patches),
-                     ProcessedSample(rejected, [np.zeros((0, PATCH_DIM), np.float32)] * len(s.patches))]
+                     ProcessedSample(rejected, [np.zeros((0, p.shape[1] if p.ndim == 2 else PATCH_DIM), np.float32)
+                                                for p in s.patches])]
     batch = collate_pack(segments, seq_len, **kwargs)
     cu = batch["cu_seqlens"]
     for p in range(len(samples)):  # the rejected segments are not in the SFT (generation) term
@@ -144,7 +147,8 @@ def collate_preference_pack(samples: list[ProcessedSample], seq_len: int, **kwar
     vision = {IMAGE: ([], [], []), VIDEO: ([], [], [])}  # kind -> (grids, feature index pieces, seconds)
     for s in samples:
         for kind, (grids, index, seconds) in vision.items():
-            rows = [m.grid[0] * m.grid[1] * m.grid[2] // unit for m in s.spec.media if m.kind == kind]
+            rows = [m.tokens if m.tokens is not None else m.grid[0] * m.grid[1] * m.grid[2] // unit
+                    for m in s.spec.media if m.kind == kind]  # LLM tokens (= feature rows) of each medium
             base = sum(len(piece) for piece in index) // 2
             own = np.arange(base, base + sum(rows), dtype=np.int64)
             index += [own, own]  # chosen's placeholders, then rejected's: the same feature rows

@@ -189,6 +189,15 @@ def load_arch(hf_dir: str):
     return arch_from_hf_config(read_hf_config(hf_dir))
 
 
+def loader_options_of(hf_dir: str, *, train: bool = True) -> dict:
+    """What the trainer passes ``build_train_loader`` (``train``) or ``build_eval_samples`` for a model
+    directory's family: its image scheme (dynamic / fixed resolution), merge size, position-id function. The
+    data tools' ``--model`` counts and cuts images as that model's training run does."""
+    arch = load_arch(hf_dir)
+    spec = spec_of(arch)
+    return spec.loader_options(arch) if train else spec.eval_options(arch)
+
+
 def composable_names() -> list[str]:
     """Families whose spec can compose a model from a vision donor and an LLM donor (``compose_hf``)."""
     return [n for n in names() if _FAMILIES[n].compose_hf is not None]

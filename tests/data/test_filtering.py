@@ -175,3 +175,25 @@ def test_cli_rules_and_refusals(planted, tmp_path):
     res = run_cmd(["tools/filter_dataset.py", "--data", planted["dir"], "--out", str(tmp_path / "o2"),
                    "--min-score", "0.2"])
     assert res.returncode == 2 and "need score_model" in res.stderr and not os.path.exists(tmp_path / "o2")
+
+
+def test_preference_pairs_are_judged_by_their_chosen_completion(tmp_path):
+    """A pair's text is its chosen completion (string or one assistant message), not its prompt or rejected."""
+    def pair(seed, chosen, rejected="no", prompt="<image>\nDescribe the image in a few words please."):
+        meta = {"messages": [{"role": "user", "content": prompt}], "chosen": chosen, "rejected": rejected}
+        return {"jpg": _photo(seed), "json": json.dumps(meta).encode()}
+
+    samples = {
+        "good": pair(0, "two red circles on the left"),
+        "good_msg": pair(1, [{"role": "assistant", "content": "a blue square above a green triangle"}]),
+        "short_chosen": pair(2, "cat", rejected="a long rejected answer with many words in it"),
+        "rep_chosen": pair(3, "the cat sat the cat sat the cat sat the cat sat"),
+        "empty_chosen": pair(4, "  "),
+    }
+    os.makedirs(tmp_path / "in")
+    write_shard(str(tmp_path / "in" / "a.tar"), list(samples.items()))
+    report = filter_dataset(str(tmp_path / "in"), str(tmp_path / "out"),
+                            FilterConfig(min_words=2, max_words=40, max_ngram_repeat=0.5), progress=False)
+    assert sorted(_kept(str(tmp_path / "out"))) == ["good", "good_msg"]
+    assert {k: r for _, k, r in report["dropped_samples"]} == {
+        "short_chosen": "text_too_short", "rep_chosen": "repetitive_text", "empty_chosen": "unreadable_sample"}

@@ -79,3 +79,60 @@ def test_header_token_counts_equal_decoded_counts(packed):
         vision_tokens = int((grid.prod(-1) // 4).sum())
         assert int((spec.token_types != 0).sum()) == vision_tokens
         assert spec.length == tokens
+
+
+def test_preference_pairs_with_a_models_fixed_resolution(tmp_path):
+    """--preference --model: each pair is one unit whose length is what the training loader packs for it (both
+    segments, media once), image tokens counted by the model's family (tiny Open-Qwen2VL: 42 px / 14 px patches
+    pooled to 2x2 = 4 tokens per image, not the dynamic count)."""
+    from mllm_mega.data.config import DataConfig
+    from mllm_mega.data.loader import build_train_loader
+    from mllm_mega.models import registry
+
+    synthetic.make_dataset(str(tmp_path), 20, seed=4, num_eval=0, samples_per_shard=10, preference=True)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(registry.get("open_qwen2vl").tiny_config(projector_pool_grid=2)))
+    out = tmp_path / "packed"
+    cmd = [sys.executable, os.path.join(REPO, "tools", "pack_dataset.py"), "--data", str(tmp_path / "train"),
+           "--out", str(out), "--seq-len", "300", "--preference", "--model", str(model)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert stats["preference"] is True and stats["image_processing"] == "fixed" and stats["skipped"] == {}
+    index = json.load(open(out / "index.json"))
+    counted = {s[0]: (s[1], s[2]) for p in index["packs"] for s in p["samples"]}
+    assert len(counted) == 20 and not index["unpackable"]
+    # the training loader, with the options the trainer gives it for this model
+    cfg = DataConfig(data_path=str(tmp_path / "train"), tokenizer_dir=str(tmp_path / "tokenizer"), seq_len=300,
+                     preference=True, decoder="pil", epochs=1, prefetch=0, num_workers=1)
+    loader = build_train_loader(cfg, dp_rank=0, dp_size=1, **registry.loader_options_of(str(model)))
+    image_token = loader.text.image_token_id
+    trained = {}
+    for pack in loader:
+        cu = pack["cu_seqlens"].tolist()
+        for (s0, s1), key in zip(pack["pair_segments"].tolist(), pack["pair_keys"]):
+            ids = pack["input_ids"].reshape(-1)[cu[s0]:cu[s1 + 1]]
+            trained[key] = (cu[s1 + 1] - cu[s0], int((ids == image_token).sum()))
+        # the ViT runs once per pair: pair i's 4 feature rows serve its chosen and its rejected placeholders
+        n = len(pack["pair_keys"])
+        assert pack["pixel_values"].shape == (n * 9, 3 * 14 * 14)  # 3x3 patches per image, no temporal patch
+        expected = [r for i in range(n) for _ in range(2) for r in range(4 * i, 4 * i + 4)]
+        assert pack["image_feature_index"].tolist() == expected
+    assert set(trained) == set(counted)
+    for key, (tokens, images) in counted.items():
+        assert tokens == trained[key][0] and images == 1
+        assert trained[key][1] == 2 * 4  # the image's 4 placeholders in the chosen and in the rejected segment
+    # check_dataset --model runs the same loader: the same pairs and tokens
+    check = subprocess.run([sys.executable, os.path.join(REPO, "tools", "check_dataset.py"), "--data",
+                            str(tmp_path / "train"), "--seq-len", "300", "--preference", "--model", str(model),
+                            "--decoder", "pil"], capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stderr[-3000:]
+    summary = json.loads(check.stdout.strip().splitlines()[-1])
+    assert summary["samples_ok"] == 20 and summary["tokens"] == sum(t for t, _ in counted.values())
+    # without --model the same pairs count Qwen2-VL's dynamic tokens (56-112 px images: 4-16 per image)
+    proc = subprocess.run(cmd[:-2] + ["--out", str(tmp_path / "dynamic")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and json.loads(proc.stdout.strip().splitlines()[-1])["image_processing"] == "dynamic"
+    dynamic = {s[0]: s[1] for p in json.load(open(tmp_path / "dynamic" / "index.json"))["packs"] for s in p["samples"]}
+    assert dynamic != {k: v[0] for k, v in counted.items()} and set(dynamic) == set(counted)
