@@ -267,24 +267,14 @@ def _patches(pack, i, pv="pixel_values", grid="image_grid_thw"):
     return pack[pv][start:start + int(pack[grid][i].prod())]
 
 
-def test_model_shares_vit_features_across_a_pairs_segments(epoch, tok):
-    """Tiny Qwen2.5-VL (TP1, in-process): the pack with its feature index gives the embeddings, logits and
-    ViT gradients of the same pack with every segment holding its own copy of the media, with the ViT run
-    once per image instead of twice."""
-    from mllm_mega.models.qwen2_vl.configuration import arch_from_hf_config
-    from mllm_mega.models.qwen2_vl.family import build_model
-    from mllm_mega.models.qwen2_vl.tiny import tiny_hf_config_dict
-    from mllm_mega.parallel.initialize import initialize_distributed
-
-    initialize_distributed(1, 1)
-    arch = arch_from_hf_config(tiny_hf_config_dict("qwen2_5_vl"))
-    torch.manual_seed(0)
-    model = build_model(arch, kernels="torch")
-    pack = max((p for p in epoch[0] if not p["num_videos"]), key=lambda p: len(p["pair_keys"]))
+def _shared_vs_duplicated_media(model, arch, pack, tok):
+    """Run ``model`` on ``pack`` with its feature index and with every segment holding its own copy of the
+    media; returns (ViT input rows of each run, embedding, logit and relative ViT-gradient differences)."""
     ids = pack["input_ids"] % 400  # text ids into the tiny vocabulary (below its special tokens)
     for ours, theirs in ((tok.image_token_id, arch.image_token_id), (tok.vision_start_id, arch.vision_start_token_id),
                          (tok.vision_end_id, arch.vision_end_token_id)):
-        ids[pack["input_ids"] == ours] = theirs
+        if theirs is not None:
+            ids[pack["input_ids"] == ours] = theirs
     grid = pack["image_grid_thw"]
     assert len(grid) == len(pack["pair_keys"]) >= 2  # one image per synthetic pair
     shared = dict(pixel_values=pack["pixel_values"], image_grid_thw=grid,
@@ -304,18 +294,58 @@ def test_model_shares_vit_features_across_a_pairs_segments(epoch, tok):
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.vision.parameters() if p.grad is not None]))
     hook.remove()
     del model.embed
+    assert grads[1].abs().max() > 0
+    with pytest.raises(ValueError, match="context parallel"):
+        model.embed(ids, context_parallel=object(), **shared)
+    return (rows, (embeds[0] - embeds[1]).abs().max().item(), (logits[0] - logits[1]).abs().max().item(),
+            ((grads[0] - grads[1]).abs().max() / grads[1].abs().max()).item())
+
+
+def test_model_shares_vit_features_across_a_pairs_segments(epoch, tok):
+    """Tiny Qwen2.5-VL (TP1, in-process): the pack with its feature index gives the embeddings, logits and
+    ViT gradients of the same pack with every segment holding its own copy of the media, with the ViT run
+    once per image instead of twice."""
+    from mllm_mega.models.qwen2_vl.configuration import arch_from_hf_config
+    from mllm_mega.models.qwen2_vl.family import build_model
+    from mllm_mega.models.qwen2_vl.tiny import tiny_hf_config_dict
+    from mllm_mega.parallel.initialize import initialize_distributed
+
+    initialize_distributed(1, 1)
+    arch = arch_from_hf_config(tiny_hf_config_dict("qwen2_5_vl"))
+    torch.manual_seed(0)
+    model = build_model(arch, kernels="torch")
+    pack = max((p for p in epoch[0] if not p["num_videos"]), key=lambda p: len(p["pair_keys"]))
+    rows, embed_diff, logit_diff, grad_diff = _shared_vs_duplicated_media(model, arch, pack, tok)
     n = pack["pixel_values"].shape[0]
     assert rows == [n, 2 * n]  # the ViT saw each image once, against twice for the duplicated media
     # fp32; the ViT sees the same images in a batch of another size, so at most BLAS rounding: measured
     # 0 (bitwise) for the embeddings and logits, 1.9e-7 relative for the ViT gradients (summed over 2 uses)
-    embed_diff = (embeds[0] - embeds[1]).abs().max().item()
-    logit_diff = (logits[0] - logits[1]).abs().max().item()
-    grad_diff = ((grads[0] - grads[1]).abs().max() / grads[1].abs().max()).item()
     print(f"embed {embed_diff:.2e} logits {logit_diff:.2e} vit grad (relative) {grad_diff:.2e}")
     assert embed_diff < 1e-6 and logit_diff < 1e-6 and grad_diff < 1e-6
-    assert grads[1].abs().max() > 0
-    with pytest.raises(ValueError, match="context parallel"):
-        model.embed(ids, context_parallel=object(), **shared)
+
+
+def test_fixed_resolution_family_shares_vit_features_across_a_pairs_segments(dataset, tok):
+    """The same for tiny Open-Qwen2VL (SigLIP, fixed 42 px images pooled to 2x2 = 4 tokens, so a medium's
+    feature rows are its scheme's token count, not grid / merge**2), through the loader with the options the
+    trainer gives it for that family."""
+    from mllm_mega.models import registry
+    from mllm_mega.parallel.initialize import initialize_distributed
+
+    spec = registry.get("open_qwen2vl")
+    arch = spec.parse_hf_config(spec.tiny_config(projector_pool_grid=2))
+    cfg = _cfg(dataset, epochs=1, prefetch=0, data_path=[str(p) for p in list_shards(str(dataset / "train"))
+                                                        if not p.endswith("shard-000009.tar")])
+    packs = list(build_train_loader(cfg, dp_rank=0, dp_size=1, **spec.loader_options(arch)))
+    pack = max(packs, key=lambda p: len(p["pair_keys"]))
+    n = len(pack["pair_keys"])
+    assert pack["image_feature_index"].tolist() == [r for i in range(n) for _ in range(2) for r in range(4 * i, 4 * i + 4)]
+    initialize_distributed(1, 1)
+    torch.manual_seed(0)
+    model = spec.build_stage(arch, kernels="torch")
+    rows, embed_diff, logit_diff, grad_diff = _shared_vs_duplicated_media(model, arch, pack, tok)
+    assert rows == [9 * n, 18 * n]  # 3x3 patches per image: once per pair, against twice
+    print(f"embed {embed_diff:.2e} logits {logit_diff:.2e} vit grad (relative) {grad_diff:.2e}")
+    assert embed_diff < 1e-6 and logit_diff < 1e-6 and grad_diff < 1e-6
 
 
 def test_converted_trl_pairs_load_as_pairs(dataset, tmp_path, tok):
