@@ -10,7 +10,8 @@ data, so training holds only the policy. Format (JSON, version 1)::
 
 Values are the float64 of the fp32 sums, written with Python's ``repr`` (shortest round-trip form), so a
 read gives back exactly the float that was written. ``meta`` says what produced the numbers: the
-reference checkpoint (path, iteration, family), the data (``data_fingerprint``), the layout and the
+reference checkpoint (path, iteration, digest of its integrity manifest, family; a moved checkpoint still
+matches by its digest), the data (``data_fingerprint``), the layout and the
 kernels; ``check_ref_logps_meta`` is how the training side refuses a file made for another checkpoint or
 another data set. Writes go to a temporary name and are renamed when complete.
 """
@@ -213,10 +214,27 @@ def precompute_ref_logps(model, packs, *, kernels: str = "torch", progress: bool
 
 
 def reference_meta(load: str) -> dict:
-    """How a file names its reference checkpoint: absolute path and tracked iteration (None for an import)."""
-    from mllm_mega.training.checkpointing import read_tracker
+    """How a file names its reference checkpoint: absolute path, tracked iteration (None for an import) and
+    ``content``, the sha256 of that iteration's integrity manifest (every file's size and hash; None when it
+    has none), which identifies the weights wherever the directory is moved or copied."""
+    from mllm_mega.training.checkpointing import iter_dir, read_tracker
+    from mllm_mega.training.integrity import MANIFEST
 
-    return {"load": os.path.abspath(load), "iteration": read_tracker(load)[0]}
+    iteration = read_tracker(load)[0]
+    content = None
+    if iteration is not None and os.path.isfile(os.path.join(iter_dir(load, iteration), MANIFEST)):
+        with open(os.path.join(iter_dir(load, iteration), MANIFEST), "rb") as f:
+            content = "sha256:" + hashlib.sha256(f.read()).hexdigest()
+    return {"load": os.path.abspath(load), "iteration": iteration, "content": content}
+
+
+def _reference_identity(meta) -> dict:
+    """What must agree between a file's reference and the run's: the content digest and iteration when both
+    sides have a digest, else the path and iteration."""
+    meta = meta if isinstance(meta, dict) else {}
+    if meta.get("content"):
+        return {"iteration": meta.get("iteration"), "content": meta["content"]}
+    return {"load": meta.get("load"), "iteration": meta.get("iteration")}
 
 
 def data_shards(data_cfg) -> list[str]:
@@ -233,10 +251,12 @@ def open_ref_logps(path: str, *, load: str | None, data_cfg) -> dict:
     reference checkpoint ``load`` (skipped when None) and from ``data_cfg``'s shards; a mismatch is a
     ValueError naming the file, the key and both values."""
     mapping, meta = read_ref_logps(path)
-    expected = {"data": data_fingerprint(data_shards(data_cfg))}
     if load is not None:
-        expected["reference"] = reference_meta(load)
-    check_ref_logps_meta(path, meta, expected)
+        want, have = reference_meta(load), meta.get("reference")
+        if _reference_identity(have) != _reference_identity(want):
+            raise ValueError(f"{path}: made with reference={have!r}, this run has reference={want!r}; "
+                             f"recompute it with tools/precompute_ref_logps.py")
+    check_ref_logps_meta(path, meta, {"data": data_fingerprint(data_shards(data_cfg))})
     return mapping
 
 

@@ -90,3 +90,40 @@ def test_open_ref_logps_refuses_other_data_or_checkpoint(tmp_path):
     (data / "b.tar").write_bytes(b"b" * 100)  # a shard more: other data
     with pytest.raises(ValueError, match="made with data="):
         open_ref_logps(path, load=str(ckpt), data_cfg=cfg)
+
+
+def _fake_checkpoint(root, iteration, manifest: bytes):
+    (root / f"iter_{iteration:07d}").mkdir(parents=True)
+    (root / f"iter_{iteration:07d}" / "manifest.json").write_bytes(manifest)
+    (root / "latest_checkpointed_iteration.txt").write_text(f"{iteration}\n")
+
+
+def test_a_moved_checkpoint_still_matches_by_its_manifest_digest(tmp_path):
+    """The reference is identified by its tracked iteration's manifest digest: moving the directory keeps the
+    file valid; other weights (another manifest) or another tracked iteration are refused."""
+    import shutil
+
+    from mllm_mega.data.config import DataConfig
+    from mllm_mega.objectives.ref_logps import data_shards, open_ref_logps, reference_meta
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.tar").write_bytes(b"a" * 100)
+    cfg = DataConfig(data_path=str(data))
+    ckpt = tmp_path / "ckpt"
+    _fake_checkpoint(ckpt, 5, b'{"files": {"a": 1}}')
+    ref = reference_meta(str(ckpt))
+    assert ref["iteration"] == 5 and ref["content"].startswith("sha256:")
+    path = str(data / "ref_logps.ref.json")
+    write_ref_logps(path, {"k": (-3.0, -4.0)}, {**META, "reference": ref, "data": data_fingerprint(data_shards(cfg))})
+    moved = tmp_path / "elsewhere" / "ckpt"
+    shutil.copytree(ckpt, moved)
+    shutil.rmtree(ckpt)
+    assert open_ref_logps(path, load=str(moved), data_cfg=cfg) == {"k": (-3.0, -4.0)}
+    other = tmp_path / "other"
+    _fake_checkpoint(other, 5, b'{"files": {"a": 2}}')
+    with pytest.raises(ValueError, match="made with reference="):
+        open_ref_logps(path, load=str(other), data_cfg=cfg)
+    _fake_checkpoint(moved, 6, b'{"files": {"a": 1}}')  # the same bytes at another iteration
+    with pytest.raises(ValueError, match="made with reference="):
+        open_ref_logps(path, load=str(moved), data_cfg=cfg)
