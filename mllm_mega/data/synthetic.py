@@ -4,7 +4,8 @@ Each image shows 1-4 shapes of one kind (circle, square, triangle, diamond) and 
 region (left, right, top, bottom, center) of a small noisy background; its caption says exactly that
 ("two red circles on the left"), and question-answer conversations ask for the count, colour, kind or
 place, so a tiny model can learn the mapping. Some samples hold two images (which has more shapes?) and,
-on request, short videos of one moving shape given as a sequence of JPEG frames. With ``preference`` the
+on request, short videos of one moving shape given as a sequence of JPEG frames (with ``preference``: pairs
+"a red circle moving up" vs another direction). With ``preference`` the
 training samples are preference pairs instead (data/preference.py): "Describe the image." with the true
 caption as chosen and, as rejected, the caption with one attribute (colour, count, shape or position)
 changed (``pair_attributes`` limits which: colour alone is what a tiny model learns to see first), so only a
@@ -168,8 +169,9 @@ def make_sample(index: int, seed: int, *, size_range=(56, 112), multi_image_frac
                 caption_frac=0.5, split: str = "train", preference: bool = False,
                 pair_attributes: tuple[str, ...] = ATTRIBUTES) -> tuple[str, dict[str, bytes]]:
     """The ``index``-th sample of the dataset for ``seed`` as (key, {field: bytes}); with ``preference`` the
-    training samples are preference pairs whose rejected caption changes one of ``pair_attributes`` (the
-    held-out split stays captions)."""
+    training samples are preference pairs whose rejected caption changes one of ``pair_attributes``, or with
+    ``video_frac`` video pairs whose rejected caption names another direction (the held-out split stays
+    captions)."""
     rng = np.random.default_rng([seed, 0 if split == "train" else 1, index])
     key = f"{split}{index:08d}"
     if split != "train":
@@ -177,6 +179,8 @@ def make_sample(index: int, seed: int, *, size_range=(56, 112), multi_image_frac
         img = render_scene(scene, *_image_size(rng, size_range), rng)
         return key, {"jpg": encode_jpeg(img), "txt": scene.caption().encode()}
     if preference:
+        if video_frac and rng.uniform() < video_frac:
+            return key, _video_pair(rng, size_range)
         scene = random_scene(rng)
         img = render_scene(scene, *_image_size(rng, size_range), rng)
         wrong, attribute = changed_scene(scene, rng, pair_attributes)
@@ -219,6 +223,24 @@ def _two_image_sample(rng: np.random.Generator, size_range) -> dict[str, bytes]:
 
 
 def _video_sample(rng: np.random.Generator, size_range) -> dict[str, bytes]:
+    fields, caption, _ = _video_frames(rng, size_range)
+    fields["txt"] = caption.encode()
+    fields["json"] = json.dumps({"fps": 2.0}).encode()
+    return fields
+
+
+def _video_pair(rng: np.random.Generator, size_range) -> dict[str, bytes]:
+    """A preference pair on a video: the true motion caption vs the same shape moving another way."""
+    fields, caption, direction = _video_frames(rng, size_range)
+    others = [d for d in DIRECTIONS if d != direction]
+    wrong = caption[: -len(direction)] + others[rng.integers(len(others))]
+    fields["json"] = json.dumps({"messages": [{"role": "user", "content": "<video>\nDescribe the video."}],
+                                 "fps": 2.0, "chosen": caption, "rejected": wrong, "changed": "direction"}).encode()
+    return fields
+
+
+def _video_frames(rng: np.random.Generator, size_range) -> tuple[dict[str, bytes], str, str]:
+    """JPEG frames of one shape moving across a still background, its caption and its direction."""
     kind, colour = KINDS[rng.integers(len(KINDS))], list(COLOURS)[rng.integers(len(COLOURS))]
     direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
     width, height = _image_size(rng, size_range)
@@ -234,9 +256,7 @@ def _video_sample(rng: np.random.Generator, size_range) -> dict[str, bytes]:
         frame = background.copy()
         _draw_shape(ImageDraw.Draw(frame), kind, cx, cy, r, COLOURS[colour])
         fields[f"video.{f:03d}.jpg"] = encode_jpeg(frame)
-    fields["txt"] = f"a {colour} {kind} moving {direction}".encode()
-    fields["json"] = json.dumps({"fps": 2.0}).encode()
-    return fields
+    return fields, f"a {colour} {kind} moving {direction}", direction
 
 
 def sample_texts(fields: dict[str, bytes]) -> list[str]:

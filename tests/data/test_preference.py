@@ -271,16 +271,19 @@ def _shared_vs_duplicated_media(model, arch, pack, tok):
     """Run ``model`` on ``pack`` with its feature index and with every segment holding its own copy of the
     media; returns (ViT input rows of each run, embedding, logit and relative ViT-gradient differences)."""
     ids = pack["input_ids"] % 400  # text ids into the tiny vocabulary (below its special tokens)
-    for ours, theirs in ((tok.image_token_id, arch.image_token_id), (tok.vision_start_id, arch.vision_start_token_id),
-                         (tok.vision_end_id, arch.vision_end_token_id)):
+    for ours, theirs in ((tok.image_token_id, arch.image_token_id), (tok.video_token_id, arch.video_token_id),
+                         (tok.vision_start_id, arch.vision_start_token_id), (tok.vision_end_id, arch.vision_end_token_id)):
         if theirs is not None:
             ids[pack["input_ids"] == ours] = theirs
-    grid = pack["image_grid_thw"]
-    assert len(grid) == len(pack["pair_keys"]) >= 2  # one image per synthetic pair
-    shared = dict(pixel_values=pack["pixel_values"], image_grid_thw=grid,
-                  image_feature_index=pack["image_feature_index"])
-    dup = dict(pixel_values=torch.cat([_patches(pack, i) for i in range(len(grid)) for _ in range(2)]),
-               image_grid_thw=grid.repeat_interleave(2, dim=0))
+    assert len(pack["image_grid_thw"]) + len(pack["video_grid_thw"]) == len(pack["pair_keys"]) >= 2  # one medium a pair
+    shared, dup = {}, {}
+    for pv, grid_key, index_key in (("pixel_values", "image_grid_thw", "image_feature_index"),
+                                    ("pixel_values_videos", "video_grid_thw", "video_feature_index")):
+        grid = pack[grid_key]
+        if len(grid):  # each pair's medium once + the index, or a copy in the chosen and in the rejected segment
+            shared.update({pv: pack[pv], grid_key: grid, index_key: pack[index_key]})
+            dup.update({pv: torch.cat([_patches(pack, i, pv, grid_key) for i in range(len(grid)) for _ in range(2)]),
+                        grid_key: grid.repeat_interleave(2, dim=0)})
     rows, embeds, logits, grads = [], [], [], []
     hook = model.vision.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
     embed = model.embed
@@ -304,7 +307,7 @@ def _shared_vs_duplicated_media(model, arch, pack, tok):
 def test_model_shares_vit_features_across_a_pairs_segments(epoch, tok):
     """Tiny Qwen2.5-VL (TP1, in-process): the pack with its feature index gives the embeddings, logits and
     ViT gradients of the same pack with every segment holding its own copy of the media, with the ViT run
-    once per image instead of twice."""
+    once per image or video instead of twice (a pack of image pairs, and one with the video pair)."""
     from mllm_mega.models.qwen2_vl.configuration import arch_from_hf_config
     from mllm_mega.models.qwen2_vl.family import build_model
     from mllm_mega.models.qwen2_vl.tiny import tiny_hf_config_dict
@@ -314,14 +317,16 @@ def test_model_shares_vit_features_across_a_pairs_segments(epoch, tok):
     arch = arch_from_hf_config(tiny_hf_config_dict("qwen2_5_vl"))
     torch.manual_seed(0)
     model = build_model(arch, kernels="torch")
-    pack = max((p for p in epoch[0] if not p["num_videos"]), key=lambda p: len(p["pair_keys"]))
-    rows, embed_diff, logit_diff, grad_diff = _shared_vs_duplicated_media(model, arch, pack, tok)
-    n = pack["pixel_values"].shape[0]
-    assert rows == [n, 2 * n]  # the ViT saw each image once, against twice for the duplicated media
-    # fp32; the ViT sees the same images in a batch of another size, so at most BLAS rounding: measured
-    # 0 (bitwise) for the embeddings and logits, 1.9e-7 relative for the ViT gradients (summed over 2 uses)
-    print(f"embed {embed_diff:.2e} logits {logit_diff:.2e} vit grad (relative) {grad_diff:.2e}")
-    assert embed_diff < 1e-6 and logit_diff < 1e-6 and grad_diff < 1e-6
+    images = max((p for p in epoch[0] if not p["num_videos"]), key=lambda p: len(p["pair_keys"]))
+    with_video = next(p for p in epoch[0] if p["num_videos"] and len(p["pair_keys"]) >= 2)
+    for pack in (images, with_video):
+        rows, embed_diff, logit_diff, grad_diff = _shared_vs_duplicated_media(model, arch, pack, tok)
+        n = pack["pixel_values"].shape[0] + pack["pixel_values_videos"].shape[0]
+        assert rows == [n, 2 * n]  # the ViT saw each medium once, against twice for the duplicated media
+        # fp32; the ViT sees the same media in a batch of another size, so at most BLAS rounding: measured
+        # 0 (bitwise) for the embeddings and logits, 1.2e-7 relative for the ViT gradients (summed over 2 uses)
+        print(f"embed {embed_diff:.2e} logits {logit_diff:.2e} vit grad (relative) {grad_diff:.2e}")
+        assert embed_diff < 1e-6 and logit_diff < 1e-6 and grad_diff < 1e-6
 
 
 def test_fixed_resolution_family_shares_vit_features_across_a_pairs_segments(dataset, tok):

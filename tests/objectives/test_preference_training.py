@@ -1,5 +1,6 @@
 """The preference objective through the trainer (one launch, tests/training/run_many.py): exact resume with the
-BCO delta restored, and a precomputed reference made by the real tool equal to the resident one.
+BCO delta restored, and a precomputed reference made by the real tool equal to the resident one, on image and
+video pairs (synthetic, video_frac 0.25).
 
 Runs, in order: ``full`` (MPO, 3 steps, resident reference = the random initial weights, saved as
 iteration 0), ``part`` + ``resume`` (the same run stopped after 2 steps by train.exit_interval and relaunched),
@@ -24,7 +25,7 @@ def runs(tmp_path_factory):
 
     tmp = str(tmp_path_factory.mktemp("preference"))
     data = os.path.join(tmp, "pairs")
-    make_dataset(data, 24, 0, num_eval=0, samples_per_shard=12, preference=True)
+    make_dataset(data, 24, 0, num_eval=0, samples_per_shard=12, preference=True, video_frac=0.25)  # + video pairs
     cfg = {"model": {"arch": "tiny_qwen2_5_vl", "kernels": "torch"},
            "objective": {"name": "preference", "preset": "mpo", "beta": 0.5},
            "train": {"max_steps": 3, "global_batch_size": 2, "micro_batch_size": 1, "eval_num_captions": 0},
@@ -32,7 +33,8 @@ def runs(tmp_path_factory):
            "checkpoint": {"save_interval": 100},
            "logging": {"tensorboard": False},
            "data": {"data_path": f"{data}/train", "tokenizer_dir": f"{data}/tokenizer", "preference": True,
-                    "seq_len": 384, "buffer_size": 16, "jpeg_prob": 0.0, "prefetch": 1, "num_workers": 1}}
+                    "seq_len": 384, "buffer_size": 16, "jpeg_prob": 0.0, "prefetch": 1, "num_workers": 1,
+                    "video_min_pixels": 56 * 56, "video_max_pixels": 112 * 112}}  # a few dozen tokens a video
     path = os.path.join(tmp, "dpo.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
@@ -47,7 +49,11 @@ def runs(tmp_path_factory):
         "pre": (path, [f"run_dir={d['pre']}", f"model.init_from={init}", "objective.reference=precomputed",
                        f"objective.ref_logps={ref}", "train.max_steps=2", "checkpoint.save_on_exit=false"]),
     }, tools={"precompute": "tools/precompute_ref_logps.py"})
-    return {"dirs": d, "res": res, "ref": ref}
+    from mllm_mega.data.shards import iter_shard, list_shards
+
+    video_keys = [raw.key for shard in list_shards(f"{data}/train") for raw, _ in iter_shard(shard)
+                  if any(k.startswith("video.") for k in raw.fields)]
+    return {"dirs": d, "res": res, "ref": ref, "video_keys": video_keys}
 
 
 def test_resume_is_exact_with_the_bco_delta_restored(runs):
@@ -77,6 +83,9 @@ def test_precomputed_reference_from_the_tool_equals_the_resident_one(runs):
     assert "resident reference" not in res.stdout
     full, pre = metrics(runs["dirs"]["full"]), metrics(runs["dirs"]["pre"])
     assert len(pre) == 2
+    with open(runs["ref"]) as f:
+        keys = set(json.load(f)["logps"])
+    assert len(keys) == 24 and set(runs["video_keys"]) <= keys and runs["video_keys"]  # video pairs too
     assert full[1]["rewards_margin"] != 0.0  # step 2: the policy has moved away from the reference
     for a, b in zip(full, pre):
         # the tool packs the pairs its own way, yet each segment's sum comes out the same (measured: identical)
