@@ -30,7 +30,8 @@ def main(argv=None):
                         help="range of image sides in pixels")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--multi-image-frac", type=float, default=0.1, help="fraction of two-image samples")
-    parser.add_argument("--video-frac", type=float, default=0.0, help="fraction of video (frame sequence) samples")
+    parser.add_argument("--video-frac", type=float, default=0.0, help="fraction of video (frame sequence) samples; with --preference, of video pairs "
+                             "(rejected: another direction of motion)")
     parser.add_argument("--caption-frac", type=float, default=0.5,
                         help="fraction of single-image samples that are captions (the rest are QA conversations)")
     parser.add_argument("--preference", action="store_true",

@@ -267,7 +267,10 @@ def sample_texts(fields: dict[str, bytes]) -> list[str]:
     if "json" in fields:
         meta = json.loads(fields["json"])
         for turn in meta.get("conversations", meta.get("messages", [])):
-            texts.append(turn.get("value", turn.get("content", "")).replace("<image>\n", "").replace("<image>", ""))
+            value = turn.get("value", turn.get("content", ""))
+            for placeholder in ("<image>\n", "<image>", "<video>\n", "<video>"):
+                value = value.replace(placeholder, "")
+            texts.append(value)
         texts += [meta[k] for k in ("chosen", "rejected") if k in meta]
     return texts
 
