@@ -47,7 +47,8 @@ def runs(tmp_path_factory):
         "resume": (path, [f"run_dir={d['part']}", "checkpoint.save_on_exit=false"]),
         "precompute": (path, ["--load", init, "--out", ref, "--no-progress"]),
         "pre": (path, [f"run_dir={d['pre']}", f"model.init_from={init}", "objective.reference=precomputed",
-                       f"objective.ref_logps={ref}", "train.max_steps=2", "checkpoint.save_on_exit=false"]),
+                       f"objective.ref_logps={ref}", "train.max_steps=2", "checkpoint.save_on_exit=false",
+                       "logging.tensorboard=true"]),
     }, tools={"precompute": "tools/precompute_ref_logps.py"})
     from mllm_mega.data.shards import iter_shard, list_shards
 
@@ -91,3 +92,16 @@ def test_precomputed_reference_from_the_tool_equals_the_resident_one(runs):
         # the tool packs the pairs its own way, yet each segment's sum comes out the same (measured: identical)
         for key in PREFERENCE_KEYS:
             assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (a["iteration"], key, a[key], b[key])
+
+
+def test_preference_metrics_reach_tensorboard(runs):
+    """Every preference metric of metrics.jsonl is a TensorBoard scalar train/<key> with the same value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(runs["dirs"]["pre"], "tensorboard"))
+    events.Reload()
+    rows = metrics(runs["dirs"]["pre"])
+    for key in PREFERENCE_KEYS + ("rewards_margin",):
+        scalars = events.Scalars(f"train/{key}")
+        assert [e.step for e in scalars] == [1, 2]
+        assert [e.value for e in scalars] == pytest.approx([r[key] for r in rows], rel=1e-6, abs=1e-7), key
